@@ -1,0 +1,470 @@
+"""`MCTSConfig` and `MCTSGenerator`: batched code-augmented MCTS over many problems at once (SPEC §3).
+
+Many trees are in flight. Each *wave* advances every tree by one step of its current rollout, with one batched
+call per stage for all trees together:
+
+1. pick, in every tree, the leaf its rollout expands next (UCT descent for a new rollout);
+2. ONE generation call: `num_candidates` next steps for every such leaf;
+3. ONE `run_batch`: the cumulative program of every new candidate (failing code never becomes a node);
+4. ONE generation call for the answers of candidates that closed their program (after the executor's output);
+5. ONE scoring call (if a PPM is given) for every new node (Eq. 3), then terminal rewards and back-propagation.
+
+A rollout goes down one step per wave, from the root to a terminal node, expanding every node it passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from ..executor import PythonExecutor
+from ..format import (
+    ANSWER_STOP_STRINGS,
+    CODE_END,
+    FEW_SHOT_PROMPT,
+    OUTPUT_END,
+    OUTPUT_START,
+    POLICY_PROMPT,
+    STEP_END,
+    STEP_STOP_STRINGS,
+    build_program,
+    format_prompt,
+    parse_step,
+)
+from ..grading import extract_answer, grade_answer
+from .backends import GenerationBackend, TransformersBackend
+from .tree import Node, SearchTree
+
+logger = logging.getLogger(__name__)
+
+PROMPT_TEMPLATES = {"policy": POLICY_PROMPT, "few_shot": FEW_SHOT_PROMPT}
+
+
+class StepScorer(Protocol):
+    """Anything that values partial solutions in [-1, 1] (the PPM). One call scores a whole batch."""
+
+    def score(self, questions: list[str], partial_solutions: list[str]) -> list[float]: ...
+
+
+@dataclass
+class MCTSConfig:
+    """Settings of `MCTSGenerator`.
+
+    > Parameters that control the search
+
+    Args:
+        num_rollouts: rollouts per problem (SPEC: 8 in round 1, 16 in rounds 2-4).
+        num_candidates: candidate next steps sampled per expansion (5 in round 1, 8 in rounds 2-3, 16 in round 4).
+        c_puct: exploration constant c of UCT(s) = Q(s) + c * sqrt(ln N_parent / N(s)).
+        max_depth: steps after which a node is terminal with reward -1.
+        max_consecutive_errors: failed expansions (no candidate ran) after which a leaf is terminal with -1.
+        problems_in_flight: trees searched at once; every wave batches all their expansions.
+
+    > Parameters that control generation
+
+    Args:
+        backend: generation engine ("transformers").
+        max_step_tokens: token budget of one step.
+        max_answer_tokens: token budget of the answer written after the program's output.
+        temperature: sampling temperature.
+        top_p: nucleus sampling threshold.
+        generation_batch_size: sequences per `generate` call (transformers backend).
+        device: device of the transformers backend (default: CUDA when available).
+        dtype: dtype when the model is loaded from a path.
+        seed: seed of all sampling; the same seed, model and machine give the same trees.
+        prompt_template: "policy" (fine-tuned policies), "few_shot" (round-1 bootstrap model) or a template
+            string with a `{question}` field.
+
+    > Parameters that control code execution
+
+    Args:
+        executor_timeout: seconds a step's program may run.
+        executor_memory_mb: memory a sandbox worker may add to its start-up footprint.
+        executor_workers: sandbox worker processes (default: number of CPUs).
+    """
+
+    num_rollouts: int = field(default=8, metadata={"help": "Rollouts per problem (paper: 8 in round 1, 16 later)."})
+    num_candidates: int = field(
+        default=5, metadata={"help": "Candidate next steps sampled per expansion (paper: 5, 8, 16 by round)."}
+    )
+    c_puct: float = field(default=2.0, metadata={"help": "Exploration constant c of UCT (paper: 2)."})
+    max_depth: int = field(default=16, metadata={"help": "Steps after which a node is terminal with reward -1."})
+    max_consecutive_errors: int = field(
+        default=3, metadata={"help": "Failed expansions (no candidate's code ran) before a leaf is terminal (-1)."}
+    )
+    problems_in_flight: int = field(
+        default=256, metadata={"help": "Trees searched at once; each wave batches all their expansions."}
+    )
+    backend: str = field(default="transformers", metadata={"help": "Generation engine: 'transformers'."})
+    max_step_tokens: int = field(default=256, metadata={"help": "Token budget of one step."})
+    max_answer_tokens: int = field(
+        default=64, metadata={"help": "Token budget of the answer written after the program's output."}
+    )
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling threshold."})
+    generation_batch_size: int = field(
+        default=256, metadata={"help": "Sequences per generate call (transformers backend)."}
+    )
+    device: str | None = field(default=None, metadata={"help": "Device for the transformers backend (default: auto)."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype when loading from a path: auto/float32/bfloat16."})
+    seed: int = field(default=42, metadata={"help": "Seed of all sampling (same seed + model + machine: same trees)."})
+    prompt_template: str = field(
+        default="policy",
+        metadata={"help": "'policy', 'few_shot' (round-1 bootstrap model) or a template with a {question} field."},
+    )
+    executor_timeout: float = field(default=10.0, metadata={"help": "Seconds a step's program may run."})
+    executor_memory_mb: int = field(default=1024, metadata={"help": "Memory (MB) a sandbox worker may allocate."})
+    executor_workers: int | None = field(
+        default=None, metadata={"help": "Sandbox worker processes (default: number of CPUs)."}
+    )
+
+    def __post_init__(self):
+        for name in ("num_rollouts", "num_candidates", "max_depth", "problems_in_flight", "max_step_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MCTSConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.backend not in ("transformers",):
+            raise ValueError(f"MCTSConfig.backend must be 'transformers', got {self.backend!r}")
+        if self.prompt_template not in PROMPT_TEMPLATES and "{question}" not in self.prompt_template:
+            raise ValueError("MCTSConfig.prompt_template must be 'policy', 'few_shot' or contain '{question}'")
+
+    @property
+    def template(self) -> str:
+        return PROMPT_TEMPLATES.get(self.prompt_template, self.prompt_template)
+
+
+@dataclass
+class _Search:
+    """The state of one problem's search: its tree and where its current rollout is."""
+
+    index: int
+    tree: SearchTree
+    prompt: str
+    cursor: Node | None = None
+    rollouts: int = 0
+
+    def next_leaf(self, num_rollouts: int) -> Node | None:
+        """The node this tree expands in the coming wave, or None when its search is over."""
+        if self.cursor is None:
+            if self.rollouts >= num_rollouts or not self.tree.root.selectable():
+                return None
+            self.cursor = self.tree.select_leaf()
+        return self.cursor
+
+    def end_rollout(self) -> None:
+        self.rollouts += 1
+        self.cursor = None
+
+
+@dataclass
+class _Candidate:
+    search: _Search
+    leaf: Node
+    text: str
+    tokens: int
+    program: str = ""
+    output: str = ""
+    final: bool = False
+
+
+class MCTSGenerator:
+    """Generate MCTS search trees (and their Q-labelled steps) for a dataset of problems.
+
+    Args:
+        model: the policy: a path or Hub id, a loaded causal LM, or a ready `GenerationBackend`.
+        args: the search settings.
+        train_dataset: problems with a `problem` column and (unless a PPM scores terminal nodes) an `answer` column.
+        processing_class: the tokenizer (needed when `model` is a loaded model).
+        ppm: an optional `StepScorer`. New nodes then start from its value (Eq. 3), and problems without a gold
+            answer are searched in test-time mode (terminal nodes valued by the scorer).
+
+    Example:
+        >>> generator = MCTSGenerator("path/to/policy", MCTSConfig(num_rollouts=8), train_dataset=problems)
+        >>> trees = generator.generate()  # datasets.Dataset, one row per problem
+    """
+
+    def __init__(self, model, args: MCTSConfig | None = None, train_dataset: Dataset | None = None,
+                 processing_class=None, ppm: StepScorer | None = None):  # fmt: skip
+        self.args = args or MCTSConfig()
+        self.ppm = ppm
+        self.dataset = self._check_dataset(train_dataset, test_time=ppm is not None)
+        if isinstance(model, GenerationBackend):
+            self.backend = model
+        else:
+            self.backend = TransformersBackend(
+                model, processing_class, device=self.args.device, dtype=self.args.dtype,
+                batch_size=self.args.generation_batch_size,
+            )  # fmt: skip
+        self.stats: dict[str, float] = {}
+
+    @staticmethod
+    def _check_dataset(dataset, test_time: bool) -> Dataset:
+        if dataset is None:
+            raise ValueError("MCTSGenerator needs train_dataset: a datasets.Dataset with 'problem' and 'answer'")
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"train_dataset must be a datasets.Dataset, got {type(dataset).__name__}")
+        if len(dataset) == 0:
+            raise ValueError("train_dataset is empty: there are no problems to search")
+        required = ["problem"] if test_time else ["problem", "answer"]
+        missing = [c for c in required if c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"train_dataset is missing the column(s) {missing}; it has {dataset.column_names}. "
+                "Rename them (dataset.rename_column) or load benchmark files with rstar_trl.load_problems"
+            )
+        return dataset
+
+    # -- the search loop ----------------------------------------------------------------------------------
+
+    def generate(self) -> Dataset:
+        """Search every problem; returns one row per problem, in input order (see the README for the columns)."""
+        args = self.args
+        counts: Counter[str] = Counter()
+        timers = Counter()
+        start = time.perf_counter()
+        searches: list[_Search | None] = [None] * len(self.dataset)
+        status = ["searched"] * len(self.dataset)
+        queue = deque(self._prepare(searches, status, counts))
+        active: list[_Search] = []
+        executor = PythonExecutor(
+            timeout=args.executor_timeout, memory_mb=args.executor_memory_mb, max_workers=args.executor_workers
+        )
+        progress = tqdm(total=len(queue) * args.num_rollouts, desc="MCTS rollouts", unit="rollout")
+        wave = 0
+        try:
+            while queue or active:
+                while queue and len(active) < args.problems_in_flight:
+                    active.append(queue.popleft())
+                expansions: list[tuple[_Search, Node]] = []
+                still_active = []
+                for search in active:
+                    leaf = search.next_leaf(args.num_rollouts)
+                    if leaf is None:
+                        progress.update(args.num_rollouts - min(search.rollouts, args.num_rollouts))
+                        counts["problems_searched"] += 1
+                        counts["problems_solved"] += search.tree.solved
+                    else:
+                        expansions.append((search, leaf))
+                        still_active.append(search)
+                active = still_active
+                if not expansions:
+                    continue
+                rollouts_before = sum(s.rollouts for s in active)
+                self._wave(expansions, executor, counts, timers, seed=args.seed + wave)
+                wave += 1
+                progress.update(sum(s.rollouts for s in active) - rollouts_before)
+                progress.set_postfix(solved=counts["problems_solved"], in_flight=len(active))
+        finally:
+            progress.close()
+            executor.close()
+        total = time.perf_counter() - start
+        self.stats = self._report(counts, timers, total, wave)
+        return self._to_dataset(searches, status)
+
+    def _prepare(self, searches: list, status: list[str], counts: Counter) -> list[_Search]:
+        """Build one search per problem; problems that cannot be searched are counted and left unsolved."""
+        template = self.args.template
+        questions = [str(p) for p in self.dataset["problem"]]
+        prompts = [format_prompt(q, template) for q in questions]
+        golds = self.dataset["answer"] if "answer" in self.dataset.column_names else [None] * len(prompts)
+        lengths = self.backend.count_tokens(prompts)
+        limit = self.backend.max_context
+        ready = []
+        for i, (question, prompt, gold, length) in enumerate(zip(questions, prompts, golds, lengths)):
+            gold = None if gold is None or str(gold).strip() == "" else str(gold)
+            tree = SearchTree(question, gold, self.args.c_puct)
+            searches[i] = _Search(i, tree, prompt)
+            if limit and length + self.args.max_step_tokens > limit:
+                status[i] = "prompt_too_long"
+            elif gold is None and self.ppm is None:
+                status[i] = "missing_gold_answer"
+            elif gold is not None and not grade_answer(gold, gold):  # the grader cannot read this gold answer
+                status[i] = "unparseable_gold_answer"
+            else:
+                ready.append(searches[i])
+                continue
+            counts[status[i]] += 1
+        return ready
+
+    def _wave(self, expansions, executor: PythonExecutor, counts: Counter, timers: Counter, seed: int) -> None:
+        args = self.args
+        # 2. ONE generation call for all leaves of all trees.
+        prefixes = [search.prompt + search.tree.trajectory_text(leaf) for search, leaf in expansions]
+        t0 = time.perf_counter()
+        samples = self.backend.generate(
+            prefixes, args.num_candidates, STEP_STOP_STRINGS, args.max_step_tokens, args.temperature, args.top_p, seed
+        )
+        timers["generation"] += time.perf_counter() - t0
+        candidates: list[_Candidate] = []
+        out_of_room: list[tuple[_Search, Node]] = []
+        for (search, leaf), completions in zip(expansions, samples):
+            seen = {child.text.strip() for child in leaf.children}
+            for completion in completions:
+                counts["candidates"] += 1
+                counts["tokens"] += completion.num_tokens
+                if completion.finish_reason == "prompt_too_long":
+                    counts["dropped_context_full"] += 1
+                    continue
+                if completion.finish_reason != "stop":
+                    counts["dropped_no_step_marker"] += 1
+                    continue
+                if completion.text.strip() in seen:
+                    counts["dropped_duplicate"] += 1
+                    continue
+                seen.add(completion.text.strip())
+                candidates.append(_Candidate(search, leaf, completion.text, completion.num_tokens))
+            if completions and all(c.finish_reason == "prompt_too_long" for c in completions):
+                out_of_room.append((search, leaf))
+
+        # 3. ONE run_batch for the cumulative programs of all candidates that carry code.
+        to_run = []
+        for cand in candidates:
+            step = parse_step(cand.text)
+            cand.final = step.is_final
+            if cand.text.rstrip().endswith(STEP_END) or cand.text.rstrip().endswith(CODE_END):
+                path_steps = [node.step for node in cand.leaf.path()]
+                cand.program = build_program([*path_steps, step])
+                to_run.append(cand)
+        t0 = time.perf_counter()
+        results = executor.run_batch([cand.program for cand in to_run])
+        timers["execution"] += time.perf_counter() - t0
+        failed = set()
+        for cand, result in zip(to_run, results):
+            cand.output = result.output
+            if not result.ok:
+                counts["dropped_timeout" if result.timed_out else "dropped_code_error"] += 1
+                failed.add(id(cand))
+            elif cand.final and not result.output.strip():
+                counts["dropped_no_output"] += 1  # a closed program must print its result
+                failed.add(id(cand))
+        candidates = [cand for cand in candidates if id(cand) not in failed]
+
+        # 4. ONE generation call for the answers of candidates that closed their program.
+        closed = [cand for cand in candidates if cand.text.rstrip().endswith(CODE_END)]
+        for cand in closed:
+            cand.text = f"{cand.text}\n{OUTPUT_START}{cand.output.strip()}{OUTPUT_END}\n"
+        if closed:
+            t0 = time.perf_counter()
+            answers = self.backend.generate(
+                [cand.search.prompt + cand.search.tree.trajectory_text(cand.leaf) + cand.text for cand in closed],
+                1, ANSWER_STOP_STRINGS, args.max_answer_tokens, args.temperature, args.top_p, seed,
+            )  # fmt: skip
+            timers["generation"] += time.perf_counter() - t0
+            for cand, (answer,) in zip(closed, answers):
+                cand.text += answer.text
+                cand.tokens += answer.num_tokens
+                counts["tokens"] += answer.num_tokens
+
+        # 5. New nodes, ONE scoring call (Eq. 3), terminal rewards (Eq. 2), and each rollout's next node.
+        t0 = time.perf_counter()
+        new_nodes: list[tuple[_Search, Node, _Candidate]] = []
+        for cand in candidates:
+            text = cand.text if cand.final else cand.text + "\n"
+            node = cand.search.tree.add_child(cand.leaf, text, output=cand.output)
+            new_nodes.append((cand.search, node, cand))
+        timers["bookkeeping"] += time.perf_counter() - t0
+        if self.ppm is not None and new_nodes:
+            t0 = time.perf_counter()
+            scores = self.ppm.score(
+                [search.tree.question for search, _, _ in new_nodes],
+                [search.tree.trajectory_text(node) for search, node, _ in new_nodes],
+            )
+            timers["scoring"] += time.perf_counter() - t0
+            for (search, node, _), score in zip(new_nodes, scores):
+                search.tree.initialise_with_score(node, float(score))  # Eq. 3: N = 1, q = PPM(x + s_1..s_i)
+        t0 = time.perf_counter()
+        for search, node, cand in new_nodes:
+            self._settle(search.tree, node, cand.final, counts, timers)
+        for search, leaf in out_of_room:
+            if not leaf.children:
+                search.tree.finish(leaf, "context_full", -1.0, backpropagate=False)
+        for search, leaf in expansions:
+            self._advance(search, leaf, counts)
+        timers["bookkeeping"] += time.perf_counter() - t0
+
+    def _settle(self, tree: SearchTree, node: Node, final: bool, counts: Counter, timers: Counter) -> None:
+        """Terminal detection for a new node; terminal children are scored and backed up at creation (SPEC §3)."""
+        if final:
+            node.answer = extract_answer(node.step.answer or "")
+            if tree.gold_answer is None:  # test time: the scorer's value is the terminal reward
+                tree.finish(node, "answer", node.ppm_score if node.ppm_score is not None else 0.0)
+                return
+            t0 = time.perf_counter()
+            node.correct = node.answer is not None and grade_answer(node.answer, tree.gold_answer)
+            timers["grading"] += time.perf_counter() - t0
+            counts["answers_correct" if node.correct else "answers_wrong"] += 1
+            if node.answer is None:
+                counts["answers_without_box"] += 1
+            tree.finish(node, "answer", 1.0 if node.correct else -1.0)  # Eq. 2 with the +1 / -1 terminal reward
+        elif node.depth >= self.args.max_depth:
+            counts["terminal_max_depth"] += 1
+            tree.finish(node, "max_depth", -1.0, backpropagate=False)
+
+    def _advance(self, search: _Search, leaf: Node, counts: Counter) -> None:
+        """Move the rollout one step down, or end it."""
+        if not leaf.children and not leaf.terminal:
+            leaf.failed_expansions += 1
+            counts["failed_expansions"] += 1
+            if leaf.failed_expansions >= self.args.max_consecutive_errors:
+                counts["terminal_errors"] += 1
+                search.tree.finish(leaf, "errors", -1.0, backpropagate=False)
+            search.end_rollout()
+            return
+        nxt = search.tree.best_child(leaf) if not leaf.terminal else None
+        if nxt is None:
+            search.end_rollout()
+        else:
+            search.cursor = nxt
+
+    # -- results ------------------------------------------------------------------------------------------
+
+    def _report(self, counts: Counter, timers: Counter, total: float, waves: int) -> dict[str, float]:
+        accounted = sum(timers.values()) - timers["bookkeeping"]
+        stats = {
+            **{k: int(v) for k, v in sorted(counts.items())},
+            "waves": waves,
+            "time_s": round(total, 3),
+            "tokens_per_s": round(counts["tokens"] / total, 1) if total else 0.0,
+            "generation_s": round(timers["generation"], 3),
+            "execution_s": round(timers["execution"], 3),
+            "scoring_s": round(timers["scoring"], 3),
+            "grading_s": round(timers["grading"], 3),
+            "bookkeeping_s": round(total - accounted, 3),
+        }
+        for part in ("generation", "execution", "scoring", "grading", "bookkeeping"):
+            stats[f"{part}_fraction"] = round(stats[f"{part}_s"] / total, 3) if total else 0.0
+        logger.info(
+            "MCTS: %d/%d problems solved, %d tokens in %.1f s (%.0f tokens/s); time: generation %.0f%%, "
+            "execution %.0f%%, scoring %.0f%%, grading %.0f%%, bookkeeping %.0f%%",
+            counts["problems_solved"], len(self.dataset), counts["tokens"], total, stats["tokens_per_s"],
+            *(100 * stats[f"{p}_fraction"] for p in ("generation", "execution", "scoring", "grading", "bookkeeping")),
+        )  # fmt: skip
+        return stats
+
+    def _to_dataset(self, searches: list[_Search], status: list[str]) -> Dataset:
+        rows = {"problem": [], "answer": [], "solved": [], "status": [], "rollouts": [], "num_nodes": [],
+                "best_answer": [], "best_trajectory": [], "tree": []}  # fmt: skip
+        for search, state in zip(searches, status):
+            tree = search.tree
+            best = tree.best_terminal()
+            rows["problem"].append(tree.question)
+            rows["answer"].append(tree.gold_answer)
+            rows["solved"].append(tree.solved)
+            rows["status"].append(state)
+            rows["rollouts"].append(search.rollouts)
+            rows["num_nodes"].append(len(tree.nodes) - 1)
+            rows["best_answer"].append(best.answer if best else None)
+            rows["best_trajectory"].append(tree.trajectory_text(best) if best else None)
+            rows["tree"].append(tree.to_json())
+        extra = [c for c in self.dataset.column_names if c not in rows]
+        for column in extra:
+            rows[column] = self.dataset[column]
+        return Dataset.from_dict(rows)
+
+    def config_dict(self) -> dict:
+        return asdict(self.args)

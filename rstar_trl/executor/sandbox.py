@@ -27,6 +27,9 @@ from pathlib import Path
 
 _WORKER = Path(__file__).with_name("_worker.py")
 _HEADER = struct.Struct(">I")
+# A program can write to the reply pipe itself, so a frame is read with a deadline and a size cap.
+_MAX_FRAME = 64 * 2**20
+_FRAME_GRACE_S = 1.0
 DEFAULT_PRELOAD = ("math", "cmath", "fractions", "decimal", "itertools", "functools", "collections", "statistics",
                    "random", "re", "numpy", "sympy")  # fmt: skip
 # Environment variables that are safe and useful to pass through; everything else is dropped.
@@ -118,22 +121,28 @@ class _Worker:
         while view:
             view = view[os.write(self.request_w, view) :]
 
-    def receive(self) -> dict | None:
-        """Read one frame (called when the pipe is readable). None means the worker died."""
-        header = self._read_exact(_HEADER.size)
-        body = self._read_exact(_HEADER.unpack(header)[0]) if header else None
+    def receive(self, deadline: float) -> dict | None:
+        """Read one frame (called when the pipe is readable). None means the worker died, or broke the protocol:
+        a frame still incomplete at `deadline` (at least a short grace from now) or longer than any real one."""
+        deadline = max(deadline, time.monotonic() + _FRAME_GRACE_S)
+        header = self._read_exact(_HEADER.size, deadline)
+        size = _HEADER.unpack(header)[0] if header else _MAX_FRAME + 1
+        body = self._read_exact(size, deadline) if size <= _MAX_FRAME else None
         if body is None:
             return None
         try:
-            return json.loads(body)
+            message = json.loads(body)
         except ValueError:
             return None
+        return message if isinstance(message, dict) else None
 
-    def _read_exact(self, n: int) -> bytes | None:
+    def _read_exact(self, n: int, deadline: float) -> bytes | None:
         chunks = []
         while n:
             try:
-                chunk = os.read(self.reply_r, n)
+                if not select.select([self.reply_r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    return None
+                chunk = os.read(self.reply_r, min(n, 2**20))
             except OSError:
                 return None
             if not chunk:
@@ -208,7 +217,7 @@ class PythonExecutor:
             raise ValueError(f"memory_mb must be >= 0, got {memory_mb}")
         self.timeout = timeout
         self.memory_mb = memory_mb
-        self.max_workers = max_workers or os.cpu_count() or 1
+        self.max_workers = (os.cpu_count() or 1) if max_workers is None else max_workers
         if self.max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self.output_limit = output_limit
@@ -318,7 +327,7 @@ class PythonExecutor:
             deadline = min((w.request[2] for w in waiting if w.request), default=time.monotonic() + 60)
             readable, _, _ = select.select(waiting, [], [], max(0.0, deadline - time.monotonic()))
             for worker in readable:
-                message = worker.receive()
+                message = worker.receive(worker.request[2] if worker.request else time.monotonic())
                 if not worker.ready:
                     self._on_startup(worker, message)
                     continue
@@ -328,7 +337,9 @@ class PythonExecutor:
                     self._replace(worker)
                     continue
                 done[worker.request[1]] = ExecutionResult(
-                    ok=bool(message["ok"]), output=str(message["output"]), error=message["error"]
+                    ok=bool(message.get("ok")),
+                    output=str(message.get("output", "")),
+                    error=None if message.get("error") is None else str(message["error"]),
                 )
                 self.stats["programs"] += 1
                 worker.request = None
@@ -355,6 +366,8 @@ class PythonExecutor:
             except subprocess.TimeoutExpired:
                 code = None
         how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        if code is None:  # still running: it sent no well-formed reply (a program can write to the reply pipe)
+            how = "no well-formed reply"
         if self.namespace_prefix and code is not None and code > 128:  # `unshare` reports a signal as 128 + n
             how = f"signal {code - 128}"
         return ExecutionResult(ok=False, output="", error=f"WorkerCrash: the worker process died ({how})")
@@ -381,4 +394,4 @@ class PythonExecutor:
                 self.close()
                 raise RuntimeError("sandbox workers did not start within 120 s")
             for worker in readable:
-                self._on_startup(worker, worker.receive())
+                self._on_startup(worker, worker.receive(deadline))

@@ -28,6 +28,15 @@ from .format import (
     split_steps,
 )
 from .grading import extract_answer, grade_answer
+from .search import (
+    GenerationBackend,
+    MCTSConfig,
+    MCTSGenerator,
+    SearchTree,
+    TransformersBackend,
+    tree_to_html,
+    tree_to_outline,
+)
 
 __all__ = [
     "ANSWER_END",
@@ -42,6 +51,11 @@ __all__ = [
     "STEP_MARKERS",
     "STEP_STOP_STRINGS",
     "ExecutionResult",
+    "GenerationBackend",
+    "MCTSConfig",
+    "MCTSGenerator",
+    "SearchTree",
+    "TransformersBackend",
     "PythonExecutor",
     "Step",
     "add_step_tokens",
@@ -56,4 +70,6 @@ __all__ = [
     "render_steps",
     "render_trajectory",
     "split_steps",
+    "tree_to_html",
+    "tree_to_outline",
 ]

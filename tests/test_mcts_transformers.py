@@ -1,0 +1,112 @@
+"""End to end: MCTS with the transformers backend on a tiny policy built and bootstrapped locally."""
+
+import pytest
+
+from rstar_trl import MCTSConfig, MCTSGenerator, PythonExecutor, SearchTree, build_program
+from rstar_trl.format import STEP_STOP_STRINGS
+from rstar_trl.tiny import build_tiny_policy, tiny_splits, to_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("policy"))
+    build_tiny_policy(path, bootstrap_steps=150, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256,
+                      progress=False)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return to_dataset(tiny_splits()["train"][:12])
+
+
+def _config(**kwargs) -> MCTSConfig:
+    defaults = dict(num_rollouts=4, num_candidates=4, max_step_tokens=48, executor_workers=1, seed=0, device="cpu",
+                    torch_threads=1)
+    return MCTSConfig(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def searched(policy, problems):
+    generator = MCTSGenerator(policy, _config(), problems)
+    return generator, generator.generate()
+
+
+def test_backend_samples_steps_that_end_at_a_step_marker(policy, problems):
+    generator = MCTSGenerator(policy, _config(), problems)
+    prompt = generator.args.template.replace("{question}", problems[0]["problem"])
+    (completions,) = generator.backend.generate([prompt], 4, STEP_STOP_STRINGS, 48, temperature=1.0, seed=0)
+    assert len(completions) == 4
+    stopped = [c for c in completions if c.finish_reason == "stop"]
+    assert stopped, [c.text for c in completions]
+    for completion in stopped:
+        assert completion.text.endswith(STEP_STOP_STRINGS) and completion.num_tokens > 0
+
+
+def test_search_grows_trees_and_solves_some_problems(searched, problems):
+    generator, trees = searched
+    assert len(trees) == len(problems) and trees["problem"] == problems["problem"]
+    assert sum(trees["num_nodes"]) > len(problems)
+    assert sum(trees["solved"]) >= 1
+    assert generator.stats["tokens"] > 0 and generator.stats["generation_fraction"] > 0
+
+
+def test_visits_and_values_of_real_trees_follow_eq_2(searched):
+    _, trees = searched
+    for row in trees:
+        tree = SearchTree.from_json(row["tree"])
+        for node in tree.nodes:
+            below = [n for n in tree.nodes if node in [n, *_ancestors(n)]]
+            answers = [n for n in below if n.terminal_reason == "answer"]
+            own_cut = node.terminal and node.terminal_reason != "answer"
+            assert node.visits == len(answers) + own_cut
+            assert node.value_sum == pytest.approx(sum(n.reward for n in answers) + (node.reward if own_cut else 0))
+
+
+def _ancestors(node):
+    while node.parent is not None:
+        node = node.parent
+        yield node
+
+
+def test_every_node_is_a_step_whose_cumulative_program_runs(searched):
+    _, trees = searched
+    with PythonExecutor(max_workers=1) as executor:
+        for row in trees:
+            tree = SearchTree.from_json(row["tree"])
+            for node in tree.nodes[1:]:
+                assert node.text.rstrip().endswith(("<end_of_step>", "<end_of_code>", "<end_of_answer>")) or \
+                    "<output>" in node.text  # fmt: skip
+                if node.step.code:
+                    result = executor.run(build_program([n.step for n in node.path()]))
+                    assert result.ok, (node.text, result.error)
+
+
+def test_correct_answers_have_higher_q_than_wrong_ones_on_average(searched):
+    _, trees = searched
+    right, wrong = [], []
+    for row in trees:
+        for node in SearchTree.from_json(row["tree"]).nodes:
+            if node.terminal_reason == "answer":
+                (right if node.correct else wrong).append(node.Q)
+    if right and wrong:
+        assert sum(right) / len(right) > sum(wrong) / len(wrong)
+
+
+def test_same_seed_same_model_on_cpu_gives_the_same_trees(policy, problems):
+    subset = problems.select(range(4))
+    first = MCTSGenerator(policy, _config(num_rollouts=2), subset).generate()
+    second = MCTSGenerator(policy, _config(num_rollouts=2), subset).generate()
+    assert first["tree"] == second["tree"]
+    third = MCTSGenerator(policy, _config(num_rollouts=2, seed=1), subset).generate()
+    assert third["tree"] != first["tree"]
+
+
+def test_loaded_model_without_tokenizer_is_refused(policy, problems):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    with pytest.raises(ValueError, match="processing_class"):
+        MCTSGenerator(model, _config(), problems)

@@ -89,13 +89,15 @@ class _Worker:
             "max_file_bytes": executor.max_file_bytes,
             "recursion_limit": executor.recursion_limit,
             "hidden_roots": [str(Path.home())],
+            "private_mounts": bool(executor.namespace_prefix),
+            "audit_hooks": executor.audit_hooks,
         }
         env = {k: os.environ[k] for k in _ENV_PASSTHROUGH if k in os.environ}
         env.update(
             PATH="/usr/bin:/bin", HOME=self.workdir, TMPDIR=self.workdir, PYTHONHASHSEED="0",
             PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
         )  # fmt: skip
-        self.log_path = self.workdir + ".log"
+        self.log_path = self.workdir + ".log"  # the worker's stderr until it is ready; read if it fails to start
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [*executor.namespace_prefix, sys.executable, "-I", str(_WORKER), json.dumps(config)],
@@ -110,6 +112,7 @@ class _Worker:
         os.close(request_r)
         os.close(reply_w)
         self.ready = False
+        self.layers: dict[str, object] = {}  # the sandbox layers the worker reported in its ready frame
         self.request: tuple[int, str, float] | None = None  # (batch index, code, deadline)
 
     def fileno(self) -> int:
@@ -178,11 +181,12 @@ class _Worker:
 class PythonExecutor:
     """Run untrusted Python programs in a warm pool of sandboxed worker processes.
 
-    Each program runs in fresh globals inside a long-lived worker (modules such as sympy are imported once, at
-    start-up), with its own private temporary directory, a scrubbed environment, resource limits, audit hooks
-    and, where the OS allows, no network and its own PID namespace. What a program prints is its output (or, like
-    the REPL, the value of a final bare expression). Results are cached by program text, because the cumulative
-    programs of sibling MCTS nodes repeat.
+    Each program runs as a fresh `__main__` module inside a long-lived worker (modules such as sympy are imported
+    once, at start-up), with its own private temporary directory and a scrubbed environment, under resource
+    limits, a seccomp filter, Landlock, no capabilities and audit hooks, and, where the OS allows, in its own
+    network, PID and mount namespaces with a read-only file system. `isolation` says which layers are active.
+    What a program prints is its output (or, like the REPL, the value of a final bare expression). Results are
+    cached by program text, because the cumulative programs of sibling MCTS nodes repeat.
 
     Args:
         timeout: wall-clock seconds per program; on expiry the worker is killed and replaced.
@@ -192,6 +196,7 @@ class PythonExecutor:
         preload: modules imported once per worker before the sandbox is locked.
         cache_size: how many results to remember by program text (0 disables the cache).
         isolate_namespaces: put workers in new network/PID/mount namespaces when the OS allows it.
+        audit_hooks: install the Python-level guard (default). Turn it off only to test the OS-level layers alone.
 
     Example:
         >>> with PythonExecutor(timeout=5) as executor:
@@ -210,6 +215,7 @@ class PythonExecutor:
         max_file_bytes: int = 16 * 2**20,
         recursion_limit: int = 3000,
         isolate_namespaces: bool = True,
+        audit_hooks: bool = True,
     ):
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
@@ -225,6 +231,7 @@ class PythonExecutor:
         self.max_file_bytes = max_file_bytes
         self.recursion_limit = recursion_limit
         self.namespace_prefix = _namespace_prefix() if isolate_namespaces else ()
+        self.audit_hooks = audit_hooks
         self.cache_size = cache_size
         self._cache: OrderedDict[str, ExecutionResult] = OrderedDict()
         self._lock = threading.Lock()
@@ -237,11 +244,22 @@ class PythonExecutor:
 
     @property
     def isolation(self) -> dict[str, object]:
-        """Which sandbox layers are active on this machine."""
+        """Which sandbox layers are active on this machine (as the workers report them).
+
+        ``readonly_fs``: every mount but the worker's directory is read-only (needs the namespaces);
+        ``seccomp``: the system-call filter is installed (x86_64 and aarch64 only); ``landlock``: the Landlock ABI
+        version confining writes to the worker's directory (0: the kernel has none); ``capabilities_dropped``:
+        the worker holds no capabilities, even as root.
+        """
+        layers = self._workers[0].layers if self._workers else {}
         return {
             "namespaces": "net,pid,mount" if self.namespace_prefix else None,
             "user_namespace": "--map-root-user" in self.namespace_prefix,
-            "audit_hooks": True,
+            "readonly_fs": bool(layers.get("readonly_fs")),
+            "seccomp": bool(layers.get("seccomp")),
+            "landlock": int(layers.get("landlock") or 0),
+            "capabilities_dropped": bool(layers.get("capabilities_dropped")),
+            "audit_hooks": self.audit_hooks,
             "rlimits": {"memory_mb": self.memory_mb, "file_bytes": self.max_file_bytes, "nproc": 0},
             "env_scrubbed": True,
         }
@@ -368,7 +386,7 @@ class PythonExecutor:
         how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
         if code is None:  # still running: it sent no well-formed reply (a program can write to the reply pipe)
             how = "no well-formed reply"
-        if self.namespace_prefix and code is not None and code > 128:  # `unshare` reports a signal as 128 + n
+        if code is not None and code > 128:  # the worker's keeper reports a signal n as 128 + n
             how = f"signal {code - 128}"
         return ExecutionResult(ok=False, output="", error=f"WorkerCrash: the worker process died ({how})")
 
@@ -385,6 +403,7 @@ class PythonExecutor:
             self.close()
             raise RuntimeError(f"sandbox worker failed to start:\n{log}")
         worker.ready = True
+        worker.layers = message.get("layers", {})
 
     def _wait_ready(self, workers: list[_Worker], deadline: float) -> None:
         while not all(w.ready for w in workers):

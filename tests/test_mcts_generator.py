@@ -181,3 +181,11 @@ def test_config_rejects_bad_values():
         MCTSConfig(backend="nope")
     with pytest.raises(ValueError, match="prompt_template"):
         MCTSConfig(prompt_template="no placeholder")
+
+
+def test_bare_step_markers_are_dropped_as_empty_steps():
+    backend = ReplayBackend(lambda so_far: ["<end_of_step>", GOOD] if so_far == "" else script(so_far))
+    generator = MCTSGenerator(backend, _config(num_candidates=2), _problems())
+    trees = generator.generate()
+    assert generator.stats["dropped_empty_step"] >= 1
+    assert all(n["text"].strip() != "<end_of_step>" for n in _nodes(trees[0]))

@@ -19,12 +19,14 @@ def policy(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def problems():
-    return to_dataset(tiny_splits()["train"][:12])
+    # The briefly bootstrapped test policy only solves the shortest problems (level 1) with some reliability.
+    return to_dataset([p for p in tiny_splits()["train"] if p["level"] == 1][:12])
 
 
 def _config(**kwargs) -> MCTSConfig:
-    defaults = dict(num_rollouts=4, num_candidates=4, max_step_tokens=48, executor_workers=1, seed=0, device="cpu",
-                    torch_threads=1)
+    defaults = dict(
+        num_rollouts=4, num_candidates=4, max_step_tokens=48, executor_workers=1, seed=0, device="cpu", torch_threads=1
+    )
     return MCTSConfig(**{**defaults, **kwargs})
 
 

@@ -46,6 +46,17 @@ logger = logging.getLogger(__name__)
 PROMPT_TEMPLATES = {"policy": POLICY_PROMPT, "few_shot": FEW_SHOT_PROMPT}
 
 
+def _gold_is_gradable(gold: str) -> bool:
+    """Whether answers can be graded against `gold`: its braces balance (LaTeX that does not is cut off or
+    malformed, and would grade only by string equality) and it grades equal to itself."""
+    depth = 0
+    for char in gold.replace("\\{", "").replace("\\}", ""):
+        depth += (char == "{") - (char == "}")
+        if depth < 0:
+            return False
+    return depth == 0 and grade_answer(gold, gold)
+
+
 class StepScorer(Protocol):
     """Anything that values partial solutions in [-1, 1] (the PPM). One call scores a whole batch."""
 
@@ -118,7 +129,9 @@ class MCTSConfig:
         metadata={"help": "CPU threads torch may use (transformers backend on CPU). Small models generate fastest "
                   "with 1, and fewer threads leave cores to the sandbox workers. Default: torch's own choice."},
     )  # fmt: skip
-    dtype: str = field(default="auto", metadata={"help": "Model dtype when loading from a path: auto/float32/bfloat16."})
+    dtype: str = field(
+        default="auto", metadata={"help": "Model dtype when loading from a path: auto/float32/bfloat16."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed of all sampling (same seed + model + machine: same trees)."})
     prompt_template: str = field(
         default="policy",
@@ -289,7 +302,7 @@ class MCTSGenerator:
                 status[i] = "prompt_too_long"
             elif gold is None and self.ppm is None:
                 status[i] = "missing_gold_answer"
-            elif gold is not None and not grade_answer(gold, gold):  # the grader cannot read this gold answer
+            elif gold is not None and not _gold_is_gradable(gold):
                 status[i] = "unparseable_gold_answer"
             else:
                 ready.append(searches[i])
@@ -329,8 +342,13 @@ class MCTSGenerator:
 
         # 3. ONE run_batch for the cumulative programs of all candidates that carry code.
         to_run = []
+        kept = []
         for cand in candidates:
             step = parse_step(cand.text)
+            if not (step.comment.strip() or step.code.strip() or step.answer or step.is_final):
+                counts["dropped_empty_step"] += 1  # a bare marker: no reasoning, no code
+                continue
+            kept.append(cand)
             cand.final = step.is_final
             if cand.text.rstrip().endswith(STEP_END) or cand.text.rstrip().endswith(CODE_END):
                 path_steps = [node.step for node in cand.leaf.path()]
@@ -348,7 +366,7 @@ class MCTSGenerator:
             elif cand.final and not result.output.strip():
                 counts["dropped_no_output"] += 1  # a closed program must print its result
                 failed.add(id(cand))
-        candidates = [cand for cand in candidates if id(cand) not in failed]
+        candidates = [cand for cand in kept if id(cand) not in failed]
 
         # 4. ONE generation call for the answers of candidates that closed their program.
         closed = [cand for cand in candidates if cand.text.rstrip().endswith(CODE_END)]

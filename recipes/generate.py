@@ -29,8 +29,10 @@ class GenerateArguments:
     )
     dataset: str | None = field(
         default=None,
-        metadata={"help": "Problems: a JSONL file (e.g. ../shared/data/gsm8k/test.jsonl) or Hub dataset. "
-                  "Default: the tiny synthetic train split."},  # fmt: skip
+        metadata={
+            "help": "Problems: a JSONL file (e.g. ../shared/data/gsm8k/test.jsonl) or Hub dataset. "
+            "Default: the tiny synthetic train split."
+        },  # fmt: skip
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
     limit: int | None = field(default=64, metadata={"help": "Search only the first N problems (None: all)."})

@@ -37,7 +37,11 @@ class ReplayBackend(GenerationBackend):
             so_far = prompt.split(self.prompt_end, 1)[1] if self.prompt_end in prompt else prompt
             if so_far.endswith(OUTPUT_END + "\n"):
                 output = re.findall(re.escape(OUTPUT_START) + r"(.*?)" + re.escape(OUTPUT_END), so_far, re.S)[-1]
-                text = self.answer(output) if self.answer else f"<answer>The answer is \\boxed{{{output}}}.<end_of_answer>"
+                text = (
+                    self.answer(output)
+                    if self.answer
+                    else f"<answer>The answer is \\boxed{{{output}}}.<end_of_answer>"
+                )
                 results.append([Completion(text, len(text.split()), "stop")] * n)
                 continue
             options = self.script(so_far)

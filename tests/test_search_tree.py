@@ -93,7 +93,9 @@ def test_select_leaf_descends_to_an_unexpanded_node():
 
 def test_json_round_trip_keeps_every_node_field():
     tree, a, b = _tree_with_two_steps()
-    a1 = tree.add_child(a, "print(x)\n<end_of_code>\n<output>5<end_of_output>\n<answer>\\boxed{5}<end_of_answer>", "5\n")
+    a1 = tree.add_child(
+        a, "print(x)\n<end_of_code>\n<output>5<end_of_output>\n<answer>\\boxed{5}<end_of_answer>", "5\n"
+    )
     a1.answer, a1.correct = "5", True
     tree.initialise_with_score(a1, 0.3)
     tree.finish(a1, "answer", 1.0)

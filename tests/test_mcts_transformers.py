@@ -4,17 +4,14 @@ import pytest
 
 from rstar_trl import MCTSConfig, MCTSGenerator, PythonExecutor, SearchTree, build_program
 from rstar_trl.format import STEP_STOP_STRINGS
-from rstar_trl.tiny import build_tiny_policy, tiny_splits, to_dataset
+from rstar_trl.tiny import tiny_splits, to_dataset
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("policy"))
-    build_tiny_policy(path, bootstrap_steps=150, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256,
-                      progress=False)  # fmt: skip
-    return path
+def policy(tiny_policy) -> str:
+    return tiny_policy
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,178 @@
+"""Build the tiny default policy: a byte-level BPE tokenizer, a ~1 M-parameter Llama, a short SFT bootstrap.
+
+The result is a normal Hugging Face checkpoint (Auto classes load it) that writes the code-augmented step format
+on the tiny word problems: nearly always right on the bootstrap's short problems, rarely on the longer ones, so
+search and self-evolution have something to improve (see /work/shared/TINY_DEFAULT.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+
+import datasets
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
+from trl import SFTConfig, SFTTrainer
+
+from rstar_trl.format import ANSWER_END, STEP_MARKERS, render_trajectory
+from rstar_trl.tiny.problems import LEVELS, _stream, generate_problems, tiny_splits
+
+__all__ = ["EOS_TOKEN", "build_tiny_policy", "train_tokenizer"]
+
+EOS_TOKEN = "<|endoftext|>"
+_TOKENIZER_PROBLEMS = 2000
+
+
+def _render(problems: Sequence[dict]) -> list[dict[str, str]]:
+    """Prompt/completion pairs (TRL's prompt-completion format) with the default `POLICY_PROMPT`."""
+    return [render_trajectory(p["problem"], p["steps"]) for p in problems]
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with one token per digit and the step markers as single special tokens.
+
+    Digits are split one per token so numbers the model has never seen are still spelled with known tokens
+    (and arithmetic-looking copying is position-by-position).
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, *STEP_MARKERS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any byte stays encodable
+        min_frequency=2,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        extra_special_tokens=list(STEP_MARKERS),
+        model_max_length=1024,
+    )
+
+
+def _model(tokenizer: PreTrainedTokenizerFast, seed: int, **sizes: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=sizes["hidden_size"],
+        num_hidden_layers=sizes["num_layers"],
+        num_attention_heads=sizes["num_heads"],
+        num_key_value_heads=sizes["num_heads"],
+        intermediate_size=sizes["intermediate_size"],
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        # LlamaConfig defaults to bos=1, eos=2: wrong ids here, and generation would never stop.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # A completion ends with `<end_of_answer>` then eos: plain `generate` should stop at either.
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(ANSWER_END)]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_tiny_policy(
+    output_dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    bootstrap_steps: int = 400,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    intermediate_size: int = 512,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    progress: bool = True,
+) -> str:
+    """Train the tiny default policy from scratch on CPU and save it (model, tokenizer, `tiny_policy.json`).
+
+    Args:
+        output_dir: where the checkpoint goes; `AutoTokenizer`/`AutoModelForCausalLM.from_pretrained` load it.
+        seed: seeds the problems, the tokenizer corpus, the initial weights and the data order.
+        bootstrap_steps: optimizer steps of SFT on the `bootstrap` split of `tiny_splits(seed)`.
+        hidden_size, num_layers, num_heads, intermediate_size: the Llama's size.
+        batch_size, lr: SFT batch size and peak learning rate (warm-up then cosine decay).
+        progress: show a progress bar while training.
+
+    Returns:
+        `output_dir` as a string.
+    """
+    start = time.perf_counter()
+    output_dir = os.fspath(output_dir)
+    set_seed(seed)
+
+    # The tokenizer sees every level (its own draw, not the test split) so later rounds' text is in vocabulary.
+    corpus = generate_problems(_TOKENIZER_PROBLEMS, LEVELS, _stream(seed, "tokenizer"))
+    tokenizer = train_tokenizer([row["prompt"] + row["completion"] + EOS_TOKEN for row in _render(corpus)])
+    sizes = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads}
+    model = _model(tokenizer, seed, intermediate_size=intermediate_size, **sizes)
+
+    bootstrap = datasets.Dataset.from_list(_render(tiny_splits(seed)["bootstrap"]))
+    with tempfile.TemporaryDirectory() as scratch:
+        args = SFTConfig(
+            output_dir=scratch,
+            max_steps=bootstrap_steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.05,
+            weight_decay=0.0,
+            completion_only_loss=True,  # the prompt is given at inference: learn only to write solutions
+            max_length=1024,
+            bf16=False,
+            gradient_checkpointing=False,  # TRL turns it on by default; a 1 M model needs no memory saving
+            use_cpu=True,
+            dataloader_num_workers=0,
+            logging_steps=max(1, bootstrap_steps // 20),
+            logging_first_step=True,
+            report_to="none",
+            save_strategy="no",
+            seed=seed,
+            disable_tqdm=not progress,
+        )
+        # datasets' and TRL's preprocessing chatter is noise for a build that takes minutes.
+        datasets.disable_progress_bars()
+        logging.getLogger("trl").setLevel(logging.ERROR)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=bootstrap, processing_class=tokenizer)
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    elapsed = time.perf_counter() - start
+    info = {
+        "seed": seed,
+        "bootstrap_steps": bootstrap_steps,
+        "bootstrap_problems": len(bootstrap),
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "intermediate_size": intermediate_size,
+        "batch_size": batch_size,
+        "lr": lr,
+        "vocab_size": len(tokenizer),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "loss_start": losses[0] if losses else None,
+        "loss_end": losses[-1] if losses else None,
+        "loss_history": losses,
+        "build_seconds": round(elapsed, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    with open(os.path.join(output_dir, "tiny_policy.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    return output_dir

@@ -4,7 +4,7 @@ The raw baseline samples the same number of sequences (step candidates + answers
 problem prompts, with the same batch size, stop strings and token budget, so the ratio shows what the search adds
 on top of generation: code execution, grading, bookkeeping and smaller / less regular batches.
 
-    .venv/bin/python bench/mcts_throughput.py --backend transformers [--problems 128] [--policy DIR]
+    .venv/bin/python bench/mcts_throughput.py --backend transformers [--problems 256 --in_flight 64] [--policy DIR]
 
 Without --policy, the embedded tiny policy is built once into bench/.cache/tiny_policy.
 Last line: one JSON object with "ratio" = mcts_tokens_per_s / raw_tokens_per_s.
@@ -25,7 +25,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="transformers", choices=["transformers"], help="generation backend")
     parser.add_argument("--policy", default=None, help="policy directory (default: build the tiny policy)")
-    parser.add_argument("--problems", type=int, default=128, help="problems searched (all in flight at once)")
+    parser.add_argument("--problems", type=int, default=256, help="problems searched")
+    parser.add_argument(
+        "--in_flight", type=int, default=64, help="trees searched at once (MCTSConfig.problems_in_flight)"
+    )
     parser.add_argument("--rollouts", type=int, default=4, help="rollouts per problem")
     parser.add_argument("--candidates", type=int, default=4, help="candidates per expansion")
     parser.add_argument("--batch", type=int, default=256, help="sequences per generate call")
@@ -37,7 +40,7 @@ def main() -> None:
         build_tiny_policy(policy)
     problems = to_dataset(tiny_splits()["train"][: args.problems])
     config = MCTSConfig(
-        num_rollouts=args.rollouts, num_candidates=args.candidates, problems_in_flight=args.problems,
+        num_rollouts=args.rollouts, num_candidates=args.candidates, problems_in_flight=args.in_flight,
         generation_batch_size=args.batch, max_step_tokens=64, backend=args.backend, seed=0, device="cpu",
         torch_threads=args.torch_threads,
     )  # fmt: skip

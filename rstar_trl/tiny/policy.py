@@ -7,17 +7,18 @@ search and self-evolution have something to improve (see /work/shared/TINY_DEFAU
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import datasets
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, PrinterCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from rstar_trl.format import ANSWER_END, STEP_MARKERS, render_trajectory
@@ -61,6 +62,24 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 600) -> PreTrainedTo
         extra_special_tokens=list(STEP_MARKERS),
         model_max_length=1024,
     )
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+    """Silence datasets' progress bars and TRL's warnings during the build, and restore both afterwards."""
+    if not enabled:
+        yield
+        return
+    trl_logger = logging.getLogger("trl")
+    bars, level = datasets.is_progress_bar_enabled(), trl_logger.level
+    datasets.disable_progress_bars()
+    trl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        trl_logger.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _model(tokenizer: PreTrainedTokenizerFast, seed: int, **sizes: int) -> LlamaForCausalLM:
@@ -107,7 +126,7 @@ def build_tiny_policy(
         bootstrap_steps: optimizer steps of SFT on the `bootstrap` split of `tiny_splits(seed)`.
         hidden_size, num_layers, num_heads, intermediate_size: the Llama's size.
         batch_size, lr: SFT batch size and peak learning rate (warm-up then cosine decay).
-        progress: show a progress bar while training.
+        progress: show a progress bar while training (False: build silently).
 
     Returns:
         `output_dir` as a string.
@@ -145,11 +164,12 @@ def build_tiny_policy(
             seed=seed,
             disable_tqdm=not progress,
         )
-        # datasets' and TRL's preprocessing chatter is noise for a build that takes minutes.
-        datasets.disable_progress_bars()
-        logging.getLogger("trl").setLevel(logging.ERROR)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=bootstrap, processing_class=tokenizer)
-        trainer.train()
+        with _quiet(not progress):
+            trainer = SFTTrainer(model=model, args=args, train_dataset=bootstrap, processing_class=tokenizer)
+            if not progress:  # without a progress bar the Trainer prints every log line instead
+                trainer.remove_callback(PrinterCallback)
+            trainer.train()
+    # The first entry is the first step's loss, the last the mean over the last logging window.
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
     model.save_pretrained(output_dir)

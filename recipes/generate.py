@@ -38,7 +38,7 @@ class GenerateArguments:
     limit: int | None = field(default=64, metadata={"help": "Search only the first N problems (None: all)."})
     output_dir: str = field(default="runs/generate", metadata={"help": "Where the trees and reports are written."})
     tiny_bootstrap_steps: int = field(
-        default=400, metadata={"help": "Bootstrap training steps of the tiny policy (only without a model)."}
+        default=600, metadata={"help": "Bootstrap training steps of the tiny policy (only without a model)."}
     )
 
 

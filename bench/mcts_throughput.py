@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"], help="backend")
     parser.add_argument("--policy", default=None, help="policy directory (default: build the tiny policy)")
     parser.add_argument("--problems", type=int, default=256, help="problems searched")
-    parser.add_argument("--in_flight", type=int, default=64, help="MCTSConfig.problems_in_flight")
+    parser.add_argument("--in_flight", type=int, default=128, help="MCTSConfig.problems_in_flight")
     parser.add_argument("--rollouts", type=int, default=4, help="rollouts per problem")
     parser.add_argument("--candidates", type=int, default=4, help="candidates per expansion")
     parser.add_argument("--batch", type=int, default=256, help="sequences per generate call (transformers)")

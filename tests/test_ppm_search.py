@@ -1,0 +1,77 @@
+"""A PPM checkpoint in use: transformers and vLLM scorers agree, and MCTS with a PPM follows Eq. 3."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree
+from rstar_trl.ppm import TransformersPPMScorer, VLLMPPMScorer
+from rstar_trl.tiny import tiny_splits, to_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ppm_path(tiny_policy, tmp_path_factory) -> str:
+    """A PPM as round 1 starts it: the policy with a one-output score head (seeded, not trained: agreement and
+    Eq. 3 bookkeeping do not need a good PPM, and the head's values are spread enough to tell nodes apart)."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_policy, num_labels=1)
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    path = str(tmp_path_factory.mktemp("ppm"))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_policy).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return to_dataset([p for p in tiny_splits()["train"] if p["level"] == 1][:6])
+
+
+def test_transformers_and_vllm_scorers_agree(ppm_path, problems):
+    questions = list(problems["problem"]) * 2
+    partials = [""] * 6 + ["# Count them.\nx = 3 + 4\nprint(x)\n<end_of_code>\n"] * 6
+    reference = TransformersPPMScorer(ppm_path, device="cpu", batch_size=4).score(questions, partials)
+    scorer = VLLMPPMScorer(ppm_path, gpu_memory_utilization=0.1, dtype="float32", max_model_len=1024,
+                           enable_prefix_caching=False)  # fmt: skip
+    values = scorer.score(questions, partials)
+    assert all(-1 <= v <= 1 for v in values)
+    assert max(abs(a - b) for a, b in zip(values, reference)) < 1e-3, (values, reference)
+    assert len({round(v, 4) for v in reference}) > 2  # not a constant head: the comparison can fail
+
+
+def test_mcts_with_a_ppm_initialises_q_by_eq_3(tiny_policy, ppm_path, problems):
+    scorer = TransformersPPMScorer(ppm_path, device="cpu")
+    config = MCTSConfig(num_rollouts=3, num_candidates=3, max_step_tokens=48, max_answer_tokens=32,
+                        executor_workers=1, seed=0, device="cpu", torch_threads=1)  # fmt: skip
+    trees = MCTSGenerator(tiny_policy, config, problems, ppm=scorer).generate()
+    checked = 0
+    for row in trees:
+        tree = SearchTree.from_json(row["tree"])
+        for node in tree.nodes[1:]:
+            # Eq. 3: a new node starts at N = 1, q = PPM(x + s_1..s_i); then Eq. 2 adds each backed-up answer.
+            below = [d for d in tree.nodes if node in d.path() and d.terminal_reason == "answer"]
+            cut = node.terminal and node.terminal_reason != "answer"  # valued on the node only
+            assert node.ppm_score is not None
+            assert node.visits == 1 + len(below) + cut
+            expected = node.ppm_score + sum(d.reward for d in below) + (node.reward if cut else 0.0)
+            assert math.isclose(node.value_sum, expected, abs_tol=1e-9)
+            checked += 1
+        sample = tree.nodes[1:4]
+        fresh = scorer.score([tree.question] * len(sample), [tree.trajectory_text(n) for n in sample])
+        assert fresh == pytest.approx([n.ppm_score for n in sample], abs=1e-5)
+    assert checked > len(problems)
+
+
+def test_test_time_search_values_answers_with_the_ppm(tiny_policy, ppm_path, problems):
+    scorer = TransformersPPMScorer(ppm_path, device="cpu")
+    config = MCTSConfig(num_rollouts=2, num_candidates=3, max_step_tokens=48, max_answer_tokens=32,
+                        executor_workers=1, seed=0, device="cpu", torch_threads=1)  # fmt: skip
+    trees = MCTSGenerator(tiny_policy, config, problems.remove_columns("answer"), ppm=scorer).generate()
+    answers = [n for row in trees for n in SearchTree.from_json(row["tree"]).nodes if n.terminal_reason == "answer"]
+    assert answers, "no answer reached: the test cannot check terminal values"
+    for node in answers:
+        assert node.correct is None and node.reward == node.ppm_score  # no gold answer: the PPM is the reward

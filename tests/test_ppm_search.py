@@ -1,12 +1,14 @@
-"""A PPM checkpoint in use: transformers and vLLM scorers agree, and MCTS with a PPM follows Eq. 3."""
+"""A PPMTrainer checkpoint in use: it loads in vLLM's pooling runner, the transformers and vLLM scorers agree, and
+MCTS with the PPM follows Eq. 3."""
 
 import math
 
 import pytest
 import torch
+from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree
+from rstar_trl import MCTSConfig, MCTSGenerator, PPMConfig, PPMTrainer, SearchTree, format_prompt
 from rstar_trl.ppm import TransformersPPMScorer, VLLMPPMScorer
 from rstar_trl.tiny import tiny_splits, to_dataset
 
@@ -15,14 +17,26 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ppm_path(tiny_policy, tmp_path_factory) -> str:
-    """A PPM as round 1 starts it: the policy with a one-output score head (seeded, not trained: agreement and
-    Eq. 3 bookkeeping do not need a good PPM, and the head's values are spread enough to tell nodes apart)."""
+    """A PPM checkpoint as `PPMTrainer` saves it: initialised from the policy, trained briefly on pairs from the
+    tiny problems (correct vs wrong first step), saved with `save_model`. Quality is not the point here; the
+    checkpoint format, the scorers and Eq. 3 are."""
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_policy, num_labels=1)
-    torch.nn.init.normal_(model.score.weight, std=0.5)
+    rows = tiny_splits()["train"][:32]
+    pairs = Dataset.from_dict({
+        "prompt": [format_prompt(p["problem"]) for p in rows],
+        "chosen": [f"# The answer.\nprint({p['answer']})\n<end_of_code>" for p in rows],
+        "rejected": [f"# The answer.\nprint({int(p['answer']) + 7})\n<end_of_code>" for p in rows],
+    })  # fmt: skip
     path = str(tmp_path_factory.mktemp("ppm"))
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_policy).save_pretrained(path)
+    args = PPMConfig(output_dir=path, per_device_train_batch_size=8, learning_rate=1e-3, max_steps=8, bf16=False,
+                     gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
+                     disable_tqdm=True, seed=0)  # fmt: skip
+    trainer = PPMTrainer(tiny_policy, args=args, train_dataset=pairs,
+                         processing_class=AutoTokenizer.from_pretrained(tiny_policy))  # fmt: skip
+    trainer.train()
+    trainer.save_model(path)
+    _, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
     return path
 
 

@@ -54,3 +54,11 @@ def push_folder(folder: str, repo_id: str, repo_type: str = "dataset", private: 
         message = f"Pushing {folder} to the Hub repo {repo_id} failed: {type(exc).__name__}: {exc}"
         raise HubPushError(message, command) from exc
     return str(url)
+
+
+def load_dataset_folder(folder: str) -> Dataset:
+    """Read back a dataset folder written by `save_dataset_folder` (its parquet data; the card is not needed)."""
+    path = os.path.join(folder, "data", "train-00000-of-00001.parquet")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{folder} is not a dataset folder written by save_dataset_folder (no {path})")
+    return Dataset.from_parquet(path)

@@ -102,3 +102,31 @@ def test_a_torn_shard_write_is_never_read(tmp_path):
     with open(os.path.join(tmp_path, "shards", "rank000-dead-00009.jsonl.tmp"), "w") as f:
         f.write('{"index": 2, "x"')  # what a kill during a write leaves
     assert sorted(store.load()) == [0, 1]
+
+
+SCRIPT = """
+import json, sys
+from rstar_trl import MCTSConfig, MCTSGenerator
+from rstar_trl.tiny import tiny_splits, to_dataset
+
+if __name__ == "__main__":
+    policy, out = sys.argv[1], sys.argv[2]
+    config = MCTSConfig(num_rollouts=3, num_candidates=3, max_step_tokens=48, max_answer_tokens=32,
+                        problems_in_flight=4, torch_threads=1, executor_workers=1, seed=0)
+    generator = MCTSGenerator(policy, config, to_dataset(tiny_splits()["train"][:12]))
+    trees = generator.generate()
+    if generator.state.is_main_process:
+        trees.to_json(out)
+"""
+
+
+def test_two_processes_without_output_dir_gather_in_memory(tiny_policy, reference, tmp_path):
+    script = tmp_path / "search.py"
+    script.write_text(SCRIPT)
+    out = str(tmp_path / "trees.jsonl")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    _run([*launch, str(script), tiny_policy, out])
+    from datasets import Dataset
+
+    _same(Dataset.from_json(out), reference.select_columns(Dataset.from_json(out).column_names))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -258,6 +259,22 @@ _TREE_SETTINGS = ("num_rollouts", "num_candidates", "c_puct", "max_depth", "max_
                   "executor_timeout", "executor_memory_mb")  # fmt: skip
 
 
+def _claim_gpus(local_rank: int, per_process: int) -> None:
+    """Give this process's vLLM engine its own GPUs (local rank r: GPUs r*tp .. r*tp+tp-1 of those visible).
+
+    vLLM's engine core runs in a process it spawns, which reads CUDA_VISIBLE_DEVICES when it starts; without this,
+    every process's engine would land on the first GPU. (Not exercised by the test suite: no GPU here.)"""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    mine = ids[local_rank * per_process : (local_rank + 1) * per_process]
+    if len(mine) < per_process:
+        raise ValueError(
+            f"process {local_rank} needs {per_process} GPU(s) (tensor_parallel_size) but only {len(ids)} are visible "
+            f"for all processes of this node: launch fewer processes or lower tensor_parallel_size"
+        )
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+
+
 def build_backend(model, args: MCTSConfig, processing_class=None, device: str | None = None) -> GenerationBackend:
     """The generation backend `args.backend` names, for `model` (a path / Hub id, or a loaded model for
     transformers)."""
@@ -320,6 +337,8 @@ class MCTSGenerator:
         device = None
         if self.state.num_processes > 1 and self.args.device is None and torch.cuda.is_available():
             device = f"cuda:{self.state.local_process_index}"
+            if self.args.backend == "vllm" and not isinstance(model, GenerationBackend):
+                _claim_gpus(self.state.local_process_index, self.args.tensor_parallel_size)
         self.model_name = model if isinstance(model, str) else type(model).__name__
         self.backend = build_backend(model, self.args, processing_class, device)
         self.stats: dict[str, float] = {}

@@ -1,0 +1,46 @@
+"""Evaluate a policy (and a PPM) by greedy decoding, majority voting, best-of-N, PPM-guided MCTS and step-level beam
+search, each at its budget; compare them at matched compute (generated tokens per problem).
+
+    python recipes/eval.py --model_name_or_path runs/tiny/round_1/policy --methods greedy maj@4 maj@16 --limit 50
+    python recipes/eval.py --config recipes/tiny/eval.yaml                    # all methods on the tiny test split
+    python recipes/eval.py --config recipes/tiny/eval.yaml --model_name_or_path runs/tiny/round_2/policy \\
+        --ppm_path runs/tiny/round_2/ppm --output_dir runs/eval/round_2
+    python recipes/eval.py --model_name_or_path path/to/policy --dataset ../shared/data/math500/test.jsonl \\
+        --backend vllm --gpu_memory_utilization 0.9 --methods greedy maj@64
+
+Methods: greedy, maj@K (vote of K samples), best_of_n@N (the PPM's best of N samples), mcts@RxC (PPM-guided MCTS,
+R rollouts x C candidates), beam@BxK (beam width B, K candidates per beam and step). Writes results.json (summary and
+per-problem answers), results.md (the table) and accuracy_vs_tokens.png to --output_dir.
+"""
+
+import logging
+import os
+
+from trl import TrlParser
+
+from rstar_trl.evaluation import EvalConfig, Evaluator, write_report
+
+
+def main(args: EvalConfig) -> None:
+    if args.model_name_or_path is None:
+        raise SystemExit("--model_name_or_path is required: the policy to evaluate (e.g. runs/tiny/round_1/policy)")
+    for name in ("model_name_or_path", "ppm_path"):
+        path = getattr(args, name)
+        # A Hub id is "org/name"; anything else that does not exist locally is a wrong path.
+        if path and not os.path.exists(path) and (path.startswith((".", "/")) or path.count("/") > 1):
+            raise SystemExit(f"--{name} {path!r} does not exist")
+    results = Evaluator(args=args).evaluate()
+    paths = write_report(results, args.output_dir)
+    print("\n" + open(paths["results.md"]).read())
+    for path in paths.values():
+        print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    parser = TrlParser((EvalConfig,))
+    try:
+        (eval_args,) = parser.parse_args_and_config()
+    except ValueError as exc:  # bad settings (unknown method, PPM method without --ppm_path): no traceback
+        raise SystemExit(f"error: {exc}") from None
+    main(eval_args)

@@ -3,6 +3,7 @@
 __version__ = "0.1.0.dev0"
 
 from .data import load_problems
+from .evaluation import EvalConfig, Evaluator, beam_search, majority_vote, sample_solutions, write_report
 from .executor import ExecutionResult, PythonExecutor
 from .format import (
     ANSWER_END,
@@ -62,6 +63,8 @@ __all__ = [
     "STEP_END",
     "STEP_MARKERS",
     "STEP_STOP_STRINGS",
+    "EvalConfig",
+    "Evaluator",
     "ExecutionResult",
     "GenerationBackend",
     "MCTSConfig",
@@ -77,6 +80,7 @@ __all__ = [
     "PythonExecutor",
     "Step",
     "add_step_tokens",
+    "beam_search",
     "build_outcome_pairs",
     "build_preference_pairs",
     "build_sft_dataset",
@@ -87,11 +91,14 @@ __all__ = [
     "format_prompt",
     "grade_answer",
     "load_problems",
+    "majority_vote",
     "parse_step",
     "render_step",
     "render_steps",
     "render_trajectory",
+    "sample_solutions",
     "split_steps",
     "tree_to_html",
     "tree_to_outline",
+    "write_report",
 ]

@@ -275,6 +275,19 @@ def _claim_gpus(local_rank: int, per_process: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
 
 
+def _model_id(backend: GenerationBackend) -> str:
+    """What model a backend runs (path or name where it can tell), for the resume fingerprint."""
+    for candidate in (
+        getattr(getattr(getattr(backend, "model", None), "config", None), "name_or_path", None),  # transformers
+        getattr(getattr(getattr(getattr(backend, "llm", None), "llm_engine", None), "model_config", None), "model",
+                None),  # vLLM
+        getattr(backend, "model", None) if isinstance(getattr(backend, "model", None), str) else None,  # server
+    ):  # fmt: skip
+        if candidate:
+            return str(candidate)
+    return type(backend).__name__
+
+
 def build_backend(model, args: MCTSConfig, processing_class=None, device: str | None = None) -> GenerationBackend:
     """The generation backend `args.backend` names, for `model` (a path / Hub id, or a loaded model for
     transformers)."""
@@ -339,8 +352,8 @@ class MCTSGenerator:
             device = f"cuda:{self.state.local_process_index}"
             if self.args.backend == "vllm" and not isinstance(model, GenerationBackend):
                 _claim_gpus(self.state.local_process_index, self.args.tensor_parallel_size)
-        self.model_name = model if isinstance(model, str) else type(model).__name__
         self.backend = build_backend(model, self.args, processing_class, device)
+        self.model_name = model if isinstance(model, str) else _model_id(self.backend)
         self.stats: dict[str, float] = {}
 
     @staticmethod

@@ -1,0 +1,657 @@
+"""One self-evolution round of rStar-Math (SPEC §6) as resumable stages: search, data, policy SFT, PPM, Hub push.
+
+Round k, under `output_dir/round_<k>/`:
+
+| stage | folder | what |
+|---|---|---|
+| trees | `trees/` | MCTS trees of every problem (`MCTSGenerator`; round 4: unsolved problems searched again) |
+| sft | `sft/` | top-2 correct solutions per solved problem (`build_sft_dataset`) |
+| pairs | `pairs/` | step preference pairs (`build_preference_pairs`) |
+| policy | `policy/` | the BASE model fine-tuned on `sft/` with TRL's `SFTTrainer` (completion-only loss) |
+| ppm | `ppm/` | a PPM initialised from `policy/`, trained on `pairs/` with `PPMTrainer` |
+
+Every folder is ready for the Hub (data as parquet or a checkpoint, plus a `README.md` card) and holds `DONE.json`
+(the stage's stats) once the stage has finished; the marker is written last, so a re-run skips exactly the stages
+that finished. The search itself writes finished trees in shards under `search/` and resumes mid-way.
+`round.json` records the round's lineage (base model, the policy and PPM that searched, the full config).
+"""
+
+from __future__ import annotations
+
+import gc
+import glob
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+
+from .data import load_problems
+from .hub import HubPushError, load_dataset_folder, push_folder, render_card, save_dataset_folder
+from .ppm import PPMConfig, PPMTrainer, TransformersPPMScorer, build_preference_pairs, build_sft_dataset
+from .ppm.trainer import RSTAR_MATH_CITATION
+from .search import MCTSConfig, MCTSGenerator
+from .search.tree import TREE_SCHEMA_VERSION
+
+__all__ = ["ARTIFACTS", "RoundArguments", "RoundPlan", "RoundSearchConfig", "plan_round", "run_round"]
+
+logger = logging.getLogger(__name__)
+
+ARTIFACTS = ("trees", "sft", "pairs", "policy", "ppm")
+REPO_TYPES = {"trees": "dataset", "sft": "dataset", "pairs": "dataset", "policy": "model", "ppm": "model"}
+DONE_FILE = "DONE.json"
+DEFAULT_OUTPUT_DIR = "runs/tiny"
+TINY_POLICY_DIR = "tiny_policy"
+# Lineage sections appended to cards whose template belongs to another component (trees, PPM) start here, so that
+# re-rendering (e.g. with Hub repo ids at push time) replaces the section instead of adding another.
+_LINEAGE_MARKER = "<!-- rstar_trl self-evolution lineage -->"
+
+
+@dataclass
+class RoundSearchConfig(MCTSConfig):
+    """`MCTSConfig` of a round: the same search settings; `output_dir` is the whole run's folder."""
+
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": f"The run's folder (default {DEFAULT_OUTPUT_DIR}): round_<k>/{{trees,sft,pairs,policy,"
+                  "ppm}} go under it, and the search's resumable shards under round_<k>/search."},
+    )  # fmt: skip
+
+
+@dataclass
+class RoundArguments:
+    """What a round searches with and on, how it trains, and where its artifacts go.
+
+    > Parameters that choose the models
+
+    Args:
+        round: the self-evolution round k (SPEC §6).
+        model_name_or_path: the policy that searches (round 1: the bootstrap model; later: round k-1's policy).
+        base_model: the model every round fine-tunes (SPEC §6: from the BASE model each round).
+        ppm_model_name_or_path: the PPM that initialises Q in PPM-guided rounds (Eq. 3).
+        ppm_guided: whether the search uses a PPM (default: from round 3 on).
+
+    > Parameters that choose the problems
+
+    Args:
+        dataset, dataset_split, limit, drop_unanswered: see `rstar_trl.load_problems`.
+        unsolved_rollouts: round 4: rollout budgets of extra searches of the problems still unsolved.
+
+    > Parameters of the training data and of the two trainers
+
+    Args:
+        sft_top_k, pairs_min_q_gap, pairs_per_side: see `build_sft_dataset` and `build_preference_pairs`.
+        sft_*, ppm_*: `SFTConfig` / `PPMConfig` settings of the policy and PPM training.
+
+    > Parameters that control the Hub
+
+    Args:
+        push_to_hub, hub_org, hub_run_name, hub_repo_pattern, hub_private.
+    """
+
+    round: int = field(default=1, metadata={"help": "Self-evolution round k (1-4 in the paper)."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Policy that searches this round. Default: round 1: --base_model (without one, the "
+                  "embedded tiny policy, built in output_dir/tiny_policy); later rounds: "
+                  "output_dir/round_<k-1>/policy."},
+    )  # fmt: skip
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Model every round fine-tunes from (the BASE model, SPEC §6). Default: round 1: "
+                  "--model_name_or_path or the tiny policy; later rounds: the base model recorded by round k-1."},
+    )  # fmt: skip
+    ppm_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "PPM that initialises the Q of new nodes (Eq. 3) in PPM-guided rounds. Default: "
+                  "output_dir/round_<k-1>/ppm."},
+    )  # fmt: skip
+    ppm_guided: bool | None = field(
+        default=None, metadata={"help": "Search with a PPM (PPM-initialised Q). Default: from round 3 on (SPEC §6)."}
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Problems with gold answers: a JSONL file or Hub dataset (rstar_trl.load_problems). "
+                  "Default: the tiny synthetic train split."},
+    )  # fmt: skip
+    dataset_split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
+    limit: int | None = field(default=None, metadata={"help": "Search only the first N problems (default: all)."})
+    drop_unanswered: bool = field(
+        default=False,
+        metadata={"help": "Drop problems without a findable gold answer (with a warning) instead of stopping."},
+    )
+    unsolved_rollouts: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Extra searches of the problems still unsolved, one per entry, each with this many "
+                  "rollouts and a new seed (round 4 of the paper: 64 128)."},
+    )  # fmt: skip
+    tiny_bootstrap_steps: int = field(
+        default=600, metadata={"help": "Bootstrap training steps of the tiny policy (only when it is built)."}
+    )
+    sft_top_k: int = field(default=2, metadata={"help": "Correct solutions kept per solved problem (SPEC §4: 2)."})
+    pairs_min_q_gap: float | None = field(
+        default=0.5, metadata={"help": "Smallest Q gap of a kept step pair (SPEC §4: 0.5)."}
+    )
+    pairs_per_side: int = field(
+        default=2, metadata={"help": "Positives and negatives per prefix (SPEC §4: 2, so 2x2 pairs)."}
+    )
+    sft_learning_rate: float = field(default=7e-6, metadata={"help": "Policy SFT learning rate (paper: 7e-6)."})
+    sft_num_train_epochs: float = field(default=2.0, metadata={"help": "Policy SFT epochs (paper: 2)."})
+    sft_max_steps: int = field(default=-1, metadata={"help": "Policy SFT steps; overrides the epochs if > 0."})
+    sft_per_device_train_batch_size: int = field(default=4, metadata={"help": "Policy SFT batch per device."})
+    sft_gradient_accumulation_steps: int = field(
+        default=4, metadata={"help": "Policy SFT accumulation (total batch = this x batch x processes; paper: 128)."}
+    )
+    sft_max_length: int = field(default=4096, metadata={"help": "Policy SFT sequence length (paper: 4096)."})
+    ppm_learning_rate: float = field(default=7e-6, metadata={"help": "PPM learning rate (paper: 7e-6)."})
+    ppm_num_train_epochs: float = field(default=1.0, metadata={"help": "PPM epochs (paper: 1)."})
+    ppm_max_steps: int = field(default=-1, metadata={"help": "PPM steps; overrides the epochs if > 0."})
+    ppm_per_device_train_batch_size: int = field(default=8, metadata={"help": "PPM pairs per device and step."})
+    ppm_gradient_accumulation_steps: int = field(
+        default=8, metadata={"help": "PPM accumulation (total batch = this x batch x processes; paper: 512)."}
+    )
+    ppm_max_length: int = field(default=2048, metadata={"help": "PPM tokens of prefix + step (paper: 2048)."})
+    warmup_steps: float = field(
+        default=0.05, metadata={"help": "Warm-up of both trainers: steps, or a fraction of the steps if < 1."}
+    )
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule of both trainers."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "Train in bf16 (default: when a CUDA GPU supports it; never on CPU)."}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Gradient checkpointing in both trainers."})
+    logging_steps: float = field(default=10, metadata={"help": "Log training metrics every N steps."})
+    save_steps: int | None = field(
+        default=None,
+        metadata={"help": "Save a training checkpoint every N steps; an interrupted training stage then resumes from "
+                  "its last checkpoint (default: no checkpoints, the stage restarts)."},
+    )  # fmt: skip
+    report_to: str = field(default="none", metadata={"help": "Trainer integrations to report to (e.g. wandb)."})
+    stop_after: str | None = field(
+        default=None,
+        metadata={"help": "Stop after this stage (a re-run goes on from there), e.g. `pairs` to search on vLLM "
+                  "processes, then train under another launcher (ZeRO-3).", "choices": list(ARTIFACTS)},
+    )  # fmt: skip
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Push the round's datasets and checkpoints (with cards) to the Hub."}
+    )
+    hub_org: str | None = field(default=None, metadata={"help": "Hub user or organisation ({org} in the pattern)."})
+    hub_run_name: str | None = field(
+        default=None, metadata={"help": "Run name ({run} in the pattern). Default: the output_dir's name."}
+    )
+    hub_repo_pattern: str = field(
+        default="{org}/{run}-round{round}-{artifact}",
+        metadata={"help": "Hub repo of each artifact; {artifact} is trees, sft, pairs, policy or ppm."},
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repos as private."})
+
+
+@dataclass
+class RoundPlan:
+    """Everything a round resolved before any compute: folders, models, problems and artifact names."""
+
+    round: int
+    run_dir: str
+    base_model: str
+    search_policy: str
+    search_ppm: str | None
+    build_tiny: bool
+    problems: Dataset
+    dataset_name: str
+    repo_ids: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def round_dir(self) -> str:
+        return os.path.join(self.run_dir, f"round_{self.round}")
+
+    def path(self, artifact: str) -> str:
+        return os.path.join(self.round_dir, artifact)
+
+    def name(self, artifact: str) -> str:
+        """How cards refer to an artifact: its Hub repo id when pushing, else its local folder."""
+        return self.repo_ids.get(artifact, self.path(artifact))
+
+
+def _is_done(folder: str) -> bool:
+    return os.path.exists(os.path.join(folder, DONE_FILE))
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Write atomically (temporary file + rename): a marker is either whole or absent, even after `kill -9`."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _check_model(value: str, option: str) -> None:
+    """A local path must exist; anything else is left to `from_pretrained` (a Hub id such as org/name)."""
+    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1
+    if not os.path.exists(value) and looks_local:
+        raise FileNotFoundError(f"{option} {value!r} does not exist")
+
+
+def plan_round(args: RoundArguments, search: MCTSConfig) -> RoundPlan:
+    """Resolve and check a round's inputs. Everything that can be wrong is reported here, before any compute."""
+    if args.round < 1:
+        raise ValueError(f"--round must be >= 1, got {args.round}")
+    run_dir = search.output_dir or DEFAULT_OUTPUT_DIR
+    previous = os.path.join(run_dir, f"round_{args.round - 1}")
+    if args.push_to_hub and "{org}" in args.hub_repo_pattern and not args.hub_org:
+        raise ValueError("--push_to_hub needs --hub_org (the Hub user or organisation of the repos)")
+    if args.stop_after is not None and args.stop_after not in ARTIFACTS:
+        raise ValueError(f"--stop_after must be one of {list(ARTIFACTS)}, got {args.stop_after!r}")
+    if any(n < 1 for n in args.unsolved_rollouts):
+        raise ValueError(f"--unsolved_rollouts must be positive, got {args.unsolved_rollouts}")
+
+    given = {"--model_name_or_path": args.model_name_or_path, "--base_model": args.base_model,
+             "--ppm_model_name_or_path": args.ppm_model_name_or_path}  # fmt: skip
+    for option, value in given.items():
+        if value is not None:
+            _check_model(value, option)
+
+    build_tiny = False
+    base_model = args.base_model
+    if base_model is None and args.round == 1:
+        base_model = args.model_name_or_path
+    if base_model is None and args.round > 1 and os.path.exists(os.path.join(previous, "round.json")):
+        base_model = _read_json(os.path.join(previous, "round.json"))["base_model"]
+        _check_model(base_model, f"the base model recorded in {os.path.join(previous, 'round.json')},")
+    if base_model is None:
+        base_model = os.path.join(run_dir, TINY_POLICY_DIR)
+        build_tiny = args.round == 1 and not os.path.exists(os.path.join(base_model, "config.json"))
+        if not build_tiny:
+            _check_model(base_model, "the tiny base model")
+
+    search_policy = args.model_name_or_path
+    if search_policy is None:
+        if args.round == 1:
+            search_policy = base_model
+        elif _is_done(os.path.join(previous, "policy")):
+            search_policy = os.path.join(previous, "policy")
+        else:
+            raise FileNotFoundError(
+                f"round {args.round} searches with round {args.round - 1}'s policy, but "
+                f"{os.path.join(previous, 'policy')} has not finished: run round {args.round - 1} first or pass "
+                "--model_name_or_path"
+            )
+
+    search_ppm = None
+    if args.ppm_guided if args.ppm_guided is not None else args.round >= 3:
+        search_ppm = args.ppm_model_name_or_path
+        if search_ppm is None:
+            if not _is_done(os.path.join(previous, "ppm")):
+                raise FileNotFoundError(
+                    f"round {args.round} searches with PPM-initialised Q (Eq. 3) and needs round {args.round - 1}'s "
+                    f"PPM, but {os.path.join(previous, 'ppm')} has not finished: run round {args.round - 1} first, "
+                    "pass --ppm_model_name_or_path, or search without a PPM (--ppm_guided false)"
+                )
+            search_ppm = os.path.join(previous, "ppm")
+
+    if args.dataset is None:
+        from .tiny import tiny_splits, to_dataset
+
+        problems, dataset_name = to_dataset(tiny_splits()["train"]), "the tiny synthetic train split (seed 0)"
+    else:
+        if args.dataset.endswith((".json", ".jsonl")) and not os.path.exists(args.dataset):
+            raise FileNotFoundError(f"--dataset {args.dataset!r} does not exist")
+        on_missing = "drop" if args.drop_unanswered else "raise"
+        problems = load_problems(args.dataset, split=args.dataset_split, limit=args.limit, on_missing=on_missing)
+        dataset_name = args.dataset
+    if args.limit is not None:
+        problems = problems.select(range(min(args.limit, len(problems))))
+    if len(problems) == 0:
+        raise ValueError("there are no problems to search (empty dataset or --limit 0)")
+
+    repo_ids = {}
+    if args.push_to_hub:
+        run = args.hub_run_name or os.path.basename(os.path.normpath(run_dir))
+        try:
+            repo_ids = {
+                artifact: args.hub_repo_pattern.format(org=args.hub_org, run=run, round=args.round, artifact=artifact)
+                for artifact in ARTIFACTS
+            }
+        except (KeyError, IndexError) as exc:
+            raise ValueError(
+                f"--hub_repo_pattern {args.hub_repo_pattern!r} may only use {{org}}, {{run}}, {{round}}, {{artifact}}"
+            ) from exc
+    return RoundPlan(args.round, run_dir, base_model, search_policy, search_ppm, build_tiny, problems, dataset_name,
+                     repo_ids)  # fmt: skip
+
+
+# -- stages ------------------------------------------------------------------------------------------------------
+
+
+def _stage(plan: RoundPlan, name: str, state: PartialState, run) -> dict:
+    """Run a stage unless its marker exists; the main process writes the marker (the stage's stats) last."""
+    folder = plan.path(name)
+    done = _is_done(folder)
+    state.wait_for_everyone()  # every process has looked before anyone can write the marker
+    if done:
+        if state.is_main_process:
+            print(f"[round {plan.round}] {name}: finished earlier, skipped ({folder})")
+        return _read_json(os.path.join(folder, DONE_FILE))
+    if state.is_main_process:
+        print(f"[round {plan.round}] {name}: running -> {folder}")
+    info = run(folder)
+    if state.is_main_process:
+        _write_json(os.path.join(folder, DONE_FILE), info)
+    state.wait_for_everyone()
+    return info
+
+
+def _scorer_device(state: PartialState) -> str:
+    return f"cuda:{state.local_process_index}" if torch.cuda.is_available() else "cpu"
+
+
+def _search_trees(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str):
+    """MCTS on every problem, then (round 4) extra searches with new seeds of the problems still unsolved."""
+    ppm = None
+    if plan.search_ppm is not None:
+        ppm = TransformersPPMScorer(plan.search_ppm, device=_scorer_device(state), max_length=args.ppm_max_length)
+    budgets = [search.num_rollouts, *args.unsolved_rollouts]
+    rows = None
+    passes = []
+    for number, rollouts in enumerate(budgets):
+        if rows is None:
+            todo = list(range(len(plan.problems)))
+        else:
+            todo = [i for i, row in enumerate(rows) if not row["solved"] and row["status"] == "searched"]
+        if not todo:
+            break
+        config = replace(search, num_rollouts=rollouts, seed=search.seed + number,
+                         output_dir=os.path.join(plan.round_dir, "search", f"pass{number}"))  # fmt: skip
+        generator = MCTSGenerator(plan.search_policy, args=config, train_dataset=plan.problems.select(todo), ppm=ppm)
+        found = generator.generate().add_column("search_pass", [number] * len(todo))
+        stats = generator.stats
+        del generator  # the engine's memory goes back before the next pass or the training stages
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if rows is None:
+            rows = found.to_list()
+        else:
+            for i, row in zip(todo, found.to_list()):
+                rows[i] = row
+        solved = sum(found["solved"])
+        passes.append({"pass": number, "rollouts": rollouts, "seed": config.seed, "problems": len(todo),
+                       "solved": solved, "stats": stats})  # fmt: skip
+    trees = Dataset.from_list(rows)
+    num_solved = sum(trees["solved"])
+    info = {
+        "num_problems": len(trees),
+        "num_solved": num_solved,
+        "solved_rate": num_solved / len(trees),
+        "passes": passes,
+        "config": asdict(search),
+    }
+    if state.is_main_process:
+        save_dataset_folder(trees, folder, "")
+    return info
+
+
+def _build_data(plan: RoundPlan, args: RoundArguments, state: PartialState, folder: str, kind: str) -> dict:
+    """SFT rows or preference pairs from the trees. Every process builds them (cheap and deterministic), so a
+    problem such as an empty dataset stops all processes alike; the main process writes them."""
+    trees = load_dataset_folder(plan.path("trees"))
+    if kind == "sft":
+        data, stats = build_sft_dataset(trees, top_k=args.sft_top_k, return_stats=True)
+        advice = "the policy solved no problem"
+    else:
+        data, stats = build_preference_pairs(
+            trees, min_q_gap=args.pairs_min_q_gap, per_side=args.pairs_per_side, return_stats=True
+        )
+        advice = "no problem has both a correct and a wrong answer"
+    if len(data) == 0:
+        raise RuntimeError(
+            f"round {plan.round} gives no {kind} data: {advice} ({plan.path('trees')}). Search more problems "
+            "(--limit), with more rollouts (--num_rollouts) or candidates (--num_candidates), or a stronger policy"
+        )
+    if state.is_main_process:
+        save_dataset_folder(data, folder, "")
+    return {"rows": len(data), "stats": stats}
+
+
+def _bf16(args: RoundArguments) -> bool:
+    if args.bf16 is not None:
+        return args.bf16
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _trainer_settings(args: RoundArguments, prefix: str, folder: str, search: MCTSConfig) -> dict:
+    """TrainingArguments shared by the policy and PPM trainers, from the round's `sft_*` / `ppm_*` options."""
+    return {
+        "output_dir": folder,
+        "learning_rate": getattr(args, f"{prefix}_learning_rate"),
+        "num_train_epochs": getattr(args, f"{prefix}_num_train_epochs"),
+        "max_steps": getattr(args, f"{prefix}_max_steps"),
+        "per_device_train_batch_size": getattr(args, f"{prefix}_per_device_train_batch_size"),
+        "gradient_accumulation_steps": getattr(args, f"{prefix}_gradient_accumulation_steps"),
+        "max_length": getattr(args, f"{prefix}_max_length"),
+        "warmup_steps": args.warmup_steps,
+        "lr_scheduler_type": args.lr_scheduler_type,
+        "bf16": _bf16(args),
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "logging_steps": args.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps" if args.save_steps else "no",
+        "save_steps": args.save_steps or 500,
+        "save_total_limit": 1,
+        "report_to": args.report_to,
+        "seed": search.seed,
+        "dataloader_num_workers": 0,
+        # TrainingArguments set up the process state again: on CPU, processes must join it as CPU processes
+        "use_cpu": not torch.cuda.is_available(),
+    }
+
+
+def _train(trainer, folder: str, state: PartialState) -> dict:
+    """Train (from the last checkpoint in `folder` if there is one), save, drop checkpoints; the run's metrics."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(folder)
+    if state.is_main_process:
+        for path in glob.glob(os.path.join(folder, "checkpoint-*")):
+            shutil.rmtree(path)  # the final checkpoint is the folder itself
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    last = {k: v for k, v in (logs[-1] if logs else {}).items() if isinstance(v, (int, float))}
+    return {"global_step": output.global_step, "train_loss": output.training_loss, "metrics": output.metrics,
+            "last_log": last, "resumed_from": checkpoint, "world_size": trainer.args.world_size}  # fmt: skip
+
+
+def _train_policy(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str):
+    """Fine-tune the BASE model (not the previous policy, SPEC §6) on this round's SFT data."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from .format import add_step_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(plan.base_model)
+    model = AutoModelForCausalLM.from_pretrained(plan.base_model, dtype="auto")
+    add_step_tokens(tokenizer, model)  # the markers become single tokens (no-op for the tiny policy)
+    config = SFTConfig(completion_only_loss=True, **_trainer_settings(args, "sft", folder, search))
+    sft = load_dataset_folder(plan.path("sft")).select_columns(["prompt", "completion"])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer)
+    info = _train(trainer, folder, state)
+    return {**info, "base_model": plan.base_model, "rows": len(sft)}
+
+
+def _train_ppm(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str):
+    """A PPM initialised from this round's policy (SPEC §5): its backbone with a one-output score head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    policy = plan.path("policy")
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    model = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1, dtype="auto")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+            tokenizer.eos_token_id)  # fmt: skip
+    config = PPMConfig(self_evolution_round=plan.round, **_trainer_settings(args, "ppm", folder, search))
+    pairs = load_dataset_folder(plan.path("pairs"))
+    trainer = PPMTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer)
+    info = _train(trainer, folder, state)
+    trainer.create_model_card(model_name=plan.name("ppm"), dataset_name=plan.repo_ids.get("pairs"))
+    return {**info, "initialised_from": policy, "rows": len(pairs), "dataset_stats": trainer.dataset_stats}
+
+
+# -- cards -------------------------------------------------------------------------------------------------------
+
+
+def _solved_history(plan: RoundPlan) -> str:
+    """Markdown rows `| round | problems | solved | rate |` of every round of this run searched so far."""
+    lines = []
+    for k in range(1, plan.round + 1):
+        marker = os.path.join(plan.run_dir, f"round_{k}", "trees", DONE_FILE)
+        if os.path.exists(marker):
+            info = _read_json(marker)
+            lines.append(f"| {k} | {info['num_problems']} | {info['num_solved']} | {100 * info['solved_rate']:.1f}% |")
+    return "\n".join(lines) or "| - | - | - | - |"
+
+
+def _metrics_table(info: dict) -> str:
+    last = {f"last logged {k}": v for k, v in info.get("last_log", {}).items() if k not in ("epoch", "step")}
+    values = {"steps": info.get("global_step"), "final train loss (mean)": info.get("train_loss"), **last}
+    return "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in values.items())
+
+
+def _card_fields(plan: RoundPlan, infos: dict[str, dict], config: dict) -> dict:
+    trees = infos.get("trees", {})
+    return {
+        "round": plan.round,
+        "run_dir": plan.run_dir,
+        "base_model": plan.base_model,
+        "search_policy": plan.search_policy,
+        "search_ppm": plan.search_ppm or "none (Q from terminal rewards only)",
+        "dataset": plan.dataset_name,
+        **{f"{artifact}_name": plan.name(artifact) for artifact in ARTIFACTS},
+        **{f"{artifact}_rows": infos.get(artifact, {}).get("rows", "-") for artifact in ("sft", "pairs")},
+        "num_problems": trees.get("num_problems", "-"),
+        "num_solved": trees.get("num_solved", "-"),
+        "solved_rate": f"{100 * trees['solved_rate']:.1f}%" if trees else "-",
+        "solved_history": _solved_history(plan),
+        "config": json.dumps(config, indent=2, default=str),
+        "citation": RSTAR_MATH_CITATION,
+    }
+
+
+def write_cards(plan: RoundPlan, infos: dict[str, dict], config: dict) -> None:
+    """(Re)write the `README.md` card of every finished artifact of the round (main process only)."""
+    fields = _card_fields(plan, infos, config)
+    lineage = render_card("round_lineage.md", **fields)
+    fields["lineage"] = lineage
+    if "trees" in infos:
+        search = infos["trees"]["config"]
+        card = render_card(
+            "trees_dataset_card.md", repo_id=plan.name("trees"), schema_version=TREE_SCHEMA_VERSION,
+            model=plan.search_policy, num_rollouts=search["num_rollouts"], num_candidates=search["num_candidates"],
+            **{**fields, "config": json.dumps(search, indent=2)},
+        )  # fmt: skip
+        _write_card(plan.path("trees"), card, lineage)
+    for artifact in ("sft", "pairs"):
+        if artifact in infos:
+            stats = json.dumps(infos[artifact]["stats"], indent=2)
+            card = render_card(f"{artifact}_dataset_card.md", repo_id=plan.name(artifact), stats=stats, **fields)
+            _write_card(plan.path(artifact), card)
+    if "policy" in infos:
+        card = render_card(
+            "policy_model_card.md", repo_id=plan.name("policy"), metrics=_metrics_table(infos["policy"]),
+            front_matter=_front_matter(plan.base_model, [plan.name("sft")]), **fields,
+        )  # fmt: skip
+        _write_card(plan.path("policy"), card)
+    if "ppm" in infos:
+        path = os.path.join(plan.path("ppm"), "README.md")
+        trainer_card = open(path).read().split(_LINEAGE_MARKER)[0].rstrip() if os.path.exists(path) else ""
+        _write_card(plan.path("ppm"), trainer_card, lineage)
+
+
+def _front_matter(base_model: str, datasets: list[str]) -> str:
+    """YAML metadata lines that only name Hub repos (the Hub rejects local paths there)."""
+    lines = []
+    if _is_repo_id(base_model):
+        lines.append(f"base_model: {base_model}")
+    hub_datasets = [d for d in datasets if _is_repo_id(d)]
+    if hub_datasets:
+        lines.append("datasets:\n" + "\n".join(f"- {d}" for d in hub_datasets))
+    return "\n".join(lines)
+
+
+def _is_repo_id(name: str) -> bool:
+    return name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/"))
+
+
+def _write_card(folder: str, card: str, lineage: str | None = None) -> None:
+    if lineage is not None:
+        card = f"{card}\n\n{_LINEAGE_MARKER}\n{lineage}"
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(card)
+
+
+# -- the round ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundResult:
+    plan: RoundPlan
+    infos: dict[str, dict]
+    pushed: dict[str, str]
+    push_errors: dict[str, str]
+    is_main_process: bool
+
+
+def run_round(args: RoundArguments, search: MCTSConfig, plan: RoundPlan | None = None) -> RoundResult:
+    """Run (or resume) round `args.round`: each stage whose marker exists is skipped."""
+    plan = plan or plan_round(args, search)
+    # Without CUDA, the processes `accelerate launch --multi_gpu --num_processes N` starts form a gloo group (its
+    # `--cpu` flag starts a single process unless MPI is set up). The first PartialState sets up the group.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    config = {"round": asdict(args), "search": asdict(search)}
+    if plan.build_tiny:
+        from .tiny import build_tiny_policy
+
+        with state.main_process_first():  # built once, by the main process, and reused on re-runs
+            if not os.path.exists(os.path.join(plan.base_model, "config.json")):
+                build_tiny_policy(plan.base_model, bootstrap_steps=args.tiny_bootstrap_steps)
+    if search.torch_threads:
+        torch.set_num_threads(search.torch_threads)
+    if state.is_main_process:
+        lineage = {"round": plan.round, "base_model": plan.base_model, "search_policy": plan.search_policy,
+                   "search_ppm": plan.search_ppm, "dataset": plan.dataset_name, "config": config}  # fmt: skip
+        _write_json(os.path.join(plan.round_dir, "round.json"), lineage)
+
+    infos: dict[str, dict] = {}
+    stages = {
+        "trees": lambda folder: _search_trees(plan, args, search, state, folder),
+        "sft": lambda folder: _build_data(plan, args, state, folder, "sft"),
+        "pairs": lambda folder: _build_data(plan, args, state, folder, "pairs"),
+        "policy": lambda folder: _train_policy(plan, args, search, state, folder),
+        "ppm": lambda folder: _train_ppm(plan, args, search, state, folder),
+    }
+    for name, stage in stages.items():
+        infos[name] = _stage(plan, name, state, stage)
+        if state.is_main_process:
+            write_cards(plan, infos, config)  # also after a skipped stage: a kill may have come before its card
+        if name == args.stop_after:
+            break
+    pushed, errors = {}, {}
+    if args.push_to_hub and state.is_main_process and len(infos) == len(ARTIFACTS):
+        for artifact in ARTIFACTS:
+            try:
+                pushed[artifact] = push_folder(
+                    plan.path(artifact), plan.repo_ids[artifact], repo_type=REPO_TYPES[artifact],
+                    private=args.hub_private, commit_message=f"rstar_trl round {plan.round}: {artifact}",
+                )  # fmt: skip
+            except HubPushError as exc:
+                errors[artifact] = str(exc)
+    state.wait_for_everyone()
+    return RoundResult(plan, infos, pushed, errors, state.is_main_process)

@@ -1,0 +1,376 @@
+"""The self-evolution round recipe (`recipes/round.py`, `rstar_trl.rounds`): stages, resume, cards, Hub, bad input."""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from datasets import Dataset
+
+from rstar_trl.hub import load_dataset_folder
+from rstar_trl.rounds import ARTIFACTS, RoundArguments, RoundSearchConfig, plan_round
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "recipes" / "round.py")
+# Small budgets: a whole round of the tiny default in well under a minute.
+SMALL = ["--limit", "48", "--num_rollouts", "4", "--num_candidates", "4", "--sft_max_steps", "30",
+         "--ppm_max_steps", "20", "--logging_steps", "5"]  # fmt: skip
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env.update(extra)
+    return env
+
+
+def _round(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _args(run_dir, policy: str | None = None, **overrides) -> tuple[RoundArguments, RoundSearchConfig]:
+    search = RoundSearchConfig(output_dir=str(run_dir), num_rollouts=4, num_candidates=4, max_step_tokens=64)
+    return RoundArguments(model_name_or_path=policy, **overrides), search
+
+
+@pytest.fixture(scope="module")
+def killed_round(tiny_policy, tmp_path_factory):
+    """Round 1 of the tiny default, killed (SIGKILL) once its trees stage had finished, then run again to the end.
+
+    Yields the run folder, the second run's output and the trees marker's modification time before the re-run."""
+    run_dir = tmp_path_factory.mktemp("round") / "run"
+    args = [*SMALL, "--model_name_or_path", tiny_policy, "--output_dir", str(run_dir)]
+    first = subprocess.Popen(
+        [sys.executable, SCRIPT, *args], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    marker = run_dir / "round_1" / "trees" / "DONE.json"
+    deadline = time.time() + 240
+    while not marker.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert marker.exists(), "the first run ended before its trees stage finished"
+    assert not (run_dir / "round_1" / "ppm" / "DONE.json").exists(), "the kill came after the round had finished"
+    trees_mtime = marker.stat().st_mtime
+    second = _round(args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return run_dir, second.stdout, trees_mtime
+
+
+@pytest.mark.slow
+def test_round_one_writes_every_artifact_and_reports_the_solved_rate(killed_round):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    run_dir, output, _ = killed_round
+    round_dir = run_dir / "round_1"
+    for artifact in ARTIFACTS:
+        assert (round_dir / artifact / "DONE.json").exists(), artifact
+        assert (round_dir / artifact / "README.md").read_text().strip(), artifact
+    trees = json.loads((round_dir / "trees" / "DONE.json").read_text())
+    assert trees["num_problems"] == 48 and 0 < trees["num_solved"] < 48
+    assert f"solved {trees['num_solved']}/48 problems ({100 * trees['solved_rate']:.1f}%)" in output
+    for artifact in ARTIFACTS:
+        assert str(round_dir / artifact) in output
+    sft = load_dataset_folder(str(round_dir / "sft"))
+    assert {"prompt", "completion"} <= set(sft.column_names) and len(sft) >= trees["num_solved"]
+    assert len(load_dataset_folder(str(round_dir / "pairs"))) > 0
+    assert AutoModelForCausalLM.from_pretrained(round_dir / "policy").num_parameters() > 0
+    ppm = AutoModelForSequenceClassification.from_pretrained(round_dir / "ppm")
+    assert ppm.config.num_labels == 1
+    assert not list((round_dir / "policy").glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_rerun_after_kill_skips_finished_stages_and_completes_the_rest(killed_round):
+    run_dir, output, trees_mtime = killed_round
+    assert "[round 1] trees: finished earlier, skipped" in output
+    assert "[round 1] trees: running" not in output
+    assert "[round 1] ppm: running" in output
+    assert (run_dir / "round_1" / "trees" / "DONE.json").stat().st_mtime == trees_mtime
+    policy = json.loads((run_dir / "round_1" / "policy" / "DONE.json").read_text())
+    assert policy["global_step"] == 30
+
+
+@pytest.mark.slow
+def test_cards_carry_lineage_sizes_solved_rate_config_and_citation(killed_round, tiny_policy):
+    run_dir, _, _ = killed_round
+    round_dir = run_dir / "round_1"
+    cards = {artifact: (round_dir / artifact / "README.md").read_text() for artifact in ARTIFACTS}
+    trees = json.loads((round_dir / "trees" / "DONE.json").read_text())
+    rate = f"| 1 | 48 | {trees['num_solved']} | {100 * trees['solved_rate']:.1f}% |"
+    sft_rows = json.loads((round_dir / "sft" / "DONE.json").read_text())["rows"]
+    pair_rows = json.loads((round_dir / "pairs" / "DONE.json").read_text())["rows"]
+    for artifact, card in cards.items():
+        assert "Self-evolution lineage" in card, artifact
+        assert f"base model (fine-tuned every round) | `{tiny_policy}`" in card, artifact
+        assert f"`{round_dir / 'sft'}` ({sft_rows} rows)" in card and f"({pair_rows} pairs)" in card, artifact
+        assert rate in card, artifact
+        assert '"num_rollouts": 4' in card and '"sft_max_steps": 30' in card, artifact
+        assert "2501.04519" in card, artifact
+    assert "| steps | 30 |" in cards["policy"]
+    assert "self-evolution round 1" in cards["ppm"]  # the PPM trainer's own card, with the lineage after it
+    assert cards["ppm"].count("Self-evolution lineage") == 1
+
+
+class _FakeHub(BaseHTTPRequestHandler):
+    """FAKE HUB SERVER: stands in for the Hugging Face Hub's HTTP API (card metadata check, create repo, preupload,
+    commit) so that the real `huggingface_hub` client code runs; it records what it receives and stores nothing
+    else."""
+
+    repos: list[dict] = []
+    cards: list[dict | None] = []
+    commits: dict[str, dict[str, bytes]] = {}
+    unknown: list[str] = []
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, body: dict, status: int = 200) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        endpoint = f"http://{self.headers['Host']}"
+        parts = self.path.split("?")[0].strip("/").split("/")
+        if parts == ["api", "validate-yaml"]:  # the Hub checks a card's YAML metadata before the commit
+            content = json.loads(body)["content"]
+            metadata = yaml.safe_load(content.split("---")[1]) if content.startswith("---") else None
+            self.cards.append(metadata)
+            errors = [] if isinstance(metadata, dict) else [{"message": "no YAML metadata"}]
+            return self._reply({"errors": errors, "warnings": []}, 200 if not errors else 400)
+        if parts == ["api", "repos", "create"]:
+            payload = json.loads(body)
+            self.repos.append(payload)
+            prefix = "" if payload.get("type") in (None, "model") else f"{payload['type']}s/"
+            return self._reply({"url": f"{endpoint}/{prefix}{payload['organization']}/{payload['name']}"})
+        if len(parts) == 6 and parts[0] == "api" and parts[4] == "preupload":
+            files = json.loads(body)["files"]
+            return self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                          for f in files]})  # fmt: skip
+        if len(parts) == 6 and parts[0] == "api" and parts[4] == "commit":
+            repo = f"{parts[1]}/{parts[2]}/{parts[3]}"
+            files = {}
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            self.commits[repo] = files
+            return self._reply({"commitUrl": f"{endpoint}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40,
+                                "pullRequestUrl": None})  # fmt: skip
+        self.unknown.append(f"POST {self.path}")
+        self._reply({"error": "not faked"}, 404)
+
+    def do_GET(self):
+        self.unknown.append(f"GET {self.path}")
+        self._reply({"error": "not faked"}, 404)
+
+
+@pytest.fixture
+def fake_hub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    _FakeHub.repos, _FakeHub.cards, _FakeHub.commits, _FakeHub.unknown = [], [], {}, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _FakeHub
+    server.shutdown()
+
+
+@pytest.mark.slow
+def test_push_uploads_each_artifact_with_its_card_to_its_repo(killed_round, fake_hub, tmp_path, tiny_policy):
+    endpoint, hub = fake_hub
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed_round[0], run_dir)
+    hub_args = ["--push_to_hub", "--hub_org", "test-org", "--hub_run_name", "tiny"]
+    result = _round([*SMALL, "--model_name_or_path", tiny_policy, "--output_dir", str(run_dir), *hub_args],
+                    env=_env(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_TOKEN="hf_fake_token"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for artifact in ARTIFACTS:
+        assert f"[round 1] {artifact}: finished earlier, skipped" in result.stdout  # nothing is recomputed
+    created = {(r["organization"], r["name"], r.get("type")) for r in hub.repos}
+    assert created == {("test-org", f"tiny-round1-{a}", "dataset" if a in ("trees", "sft", "pairs") else "model")
+                       for a in ARTIFACTS}  # fmt: skip
+    assert not [request for request in hub.unknown if request.startswith("POST")]  # optional GETs may 404
+    assert len(hub.cards) == 5 and all("rstar-math" in card["tags"] for card in hub.cards)
+    policy = hub.commits["models/test-org/tiny-round1-policy"]
+    assert {"README.md", "model.safetensors", "config.json", "tokenizer.json"} <= set(policy)
+    assert b"`test-org/tiny-round1-sft`" in policy["README.md"]  # cards name the Hub repos when pushing
+    pairs = hub.commits["datasets/test-org/tiny-round1-pairs"]
+    assert "data/train-00000-of-00001.parquet" in pairs and b"tiny-round1-trees" in pairs["README.md"]
+    assert "models/test-org/tiny-round1-ppm" in hub.commits and "datasets/test-org/tiny-round1-trees" in hub.commits
+    assert "pushed policy" in result.stdout
+
+
+@pytest.mark.slow
+def test_push_without_a_reachable_hub_keeps_the_round_and_prints_the_upload_command(killed_round, tmp_path,
+                                                                                   tiny_policy):  # fmt: skip
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed_round[0], run_dir)
+    result = _round(
+        [*SMALL, "--model_name_or_path", tiny_policy, "--output_dir", str(run_dir), "--push_to_hub",
+         "--hub_org", "test-org", "--hub_run_name", "tiny"],
+        env=_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="0", HF_TOKEN="hf_fake_token"),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Round 1 done" in result.stdout
+    assert "Nothing is lost" in result.stderr
+    for artifact in ARTIFACTS:
+        command = f"hf upload test-org/tiny-round1-{artifact} {run_dir / 'round_1' / artifact} ."
+        assert command in result.stderr, artifact
+        assert (run_dir / "round_1" / artifact / "DONE.json").exists()
+
+
+@pytest.mark.slow
+def test_two_process_launch_runs_a_ppm_guided_round_with_an_extra_search_of_unsolved_problems(killed_round, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed_round[0] / "round_1", run_dir / "round_1")
+    base_model = json.loads((killed_round[0] / "round_1" / "round.json").read_text())["base_model"]
+    command = [
+        # On a machine without CUDA, accelerate's `--cpu` starts ONE process unless MPI is set up; torchrun's
+        # processes (`--multi_gpu`) form a gloo group instead.
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",
+        SCRIPT, "--config", str(ROOT / "recipes/tiny/round2.yaml"), *SMALL, "--limit", "24",
+        "--output_dir", str(run_dir), "--ppm_guided", "true", "--unsolved_rollouts", "2",
+        "--sft_max_steps", "6", "--ppm_max_steps", "4",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stderr[-4000:]
+    round_dir = run_dir / "round_2"
+    lineage = json.loads((round_dir / "round.json").read_text())
+    assert lineage["search_policy"] == str(run_dir / "round_1" / "policy")
+    assert lineage["search_ppm"] == str(run_dir / "round_1" / "ppm")
+    assert lineage["base_model"] == base_model
+    trees = load_dataset_folder(str(round_dir / "trees"))
+    assert len(trees) == 24 and trees["problem"] == load_dataset_folder(str(run_dir / "round_1" / "trees"))[
+        "problem"][:24]  # fmt: skip
+    passes = json.loads((round_dir / "trees" / "DONE.json").read_text())["passes"]
+    assert passes[0]["problems"] == 24 and passes[0]["stats"]["scoring_s"] > 0  # PPM-initialised Q (Eq. 3)
+    if len(passes) > 1:
+        assert passes[1]["rollouts"] == 2 and passes[1]["seed"] == passes[0]["seed"] + 1
+        assert set(trees["search_pass"]) <= {0, 1} and trees["search_pass"].count(1) == passes[1]["problems"]
+    else:
+        assert all(trees["solved"])
+    assert result.stdout.count("Round 2 done") == 1  # only the main process reports
+    shards = [path.name[:7] for path in (round_dir / "search" / "pass0" / "shards").glob("*.jsonl")]
+    assert sorted(set(shards)) == ["rank000", "rank001"]  # both processes searched their share
+    policy = json.loads((round_dir / "policy" / "DONE.json").read_text())
+    assert policy["global_step"] == 6
+    assert policy["world_size"] == 2  # the trainers ran data-parallel over both processes
+    assert json.loads((round_dir / "ppm" / "DONE.json").read_text())["world_size"] == 2
+    assert (round_dir / "ppm" / "model.safetensors").exists()
+
+
+# -- planning and bad input: checked before any compute ------------------------------------------------------------
+
+
+def test_later_rounds_search_with_the_previous_policy_and_from_round_three_its_ppm(tmp_path, tiny_policy):
+    for k in (1, 2):
+        for artifact in ("policy", "ppm"):
+            (tmp_path / f"round_{k}" / artifact).mkdir(parents=True)
+            (tmp_path / f"round_{k}" / artifact / "DONE.json").write_text("{}")
+    (tmp_path / "round_1" / "round.json").write_text(json.dumps({"base_model": tiny_policy}))
+    (tmp_path / "round_2" / "round.json").write_text(json.dumps({"base_model": tiny_policy}))
+    two = plan_round(*_args(tmp_path, round=2, limit=4))
+    assert (two.search_policy, two.search_ppm, two.base_model) == (str(tmp_path / "round_1" / "policy"), None,
+                                                                  tiny_policy)  # fmt: skip
+    three = plan_round(*_args(tmp_path, round=3, limit=4))
+    assert three.search_policy == str(tmp_path / "round_2" / "policy")
+    assert three.search_ppm == str(tmp_path / "round_2" / "ppm")
+    assert three.base_model == tiny_policy  # every round fine-tunes the BASE model
+
+
+def test_round_three_without_a_previous_ppm_is_refused(tmp_path, tiny_policy):
+    (tmp_path / "round_2" / "policy").mkdir(parents=True)
+    (tmp_path / "round_2" / "policy" / "DONE.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"PPM-initialised Q .*round_2/ppm has not finished"):
+        plan_round(*_args(tmp_path, round=3, base_model=tiny_policy))
+
+
+def test_round_two_without_round_one_is_refused(tmp_path, tiny_policy):
+    with pytest.raises(FileNotFoundError, match="run round 1 first or pass --model_name_or_path"):
+        plan_round(*_args(tmp_path, round=2, base_model=tiny_policy))
+
+
+def test_missing_paths_are_refused(tmp_path, tiny_policy):
+    with pytest.raises(FileNotFoundError, match="--model_name_or_path './no/such/policy' does not exist"):
+        plan_round(*_args(tmp_path, policy="./no/such/policy"))
+    with pytest.raises(FileNotFoundError, match="--dataset .*missing.jsonl' does not exist"):
+        plan_round(*_args(tmp_path, policy=tiny_policy, dataset=str(tmp_path / "missing.jsonl")))
+    assert not (tmp_path / "round_1").exists()
+
+
+def test_a_dataset_without_answers_is_refused(tmp_path, tiny_policy):
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps({"problem": f"What is {i} + 1?"}) + "\n" for i in range(3)))
+    with pytest.raises(ValueError, match="answer"):
+        plan_round(*_args(tmp_path, policy=tiny_policy, dataset=str(path)))
+
+
+def test_push_without_an_org_is_refused(tmp_path, tiny_policy):
+    with pytest.raises(ValueError, match="--hub_org"):
+        plan_round(*_args(tmp_path, policy=tiny_policy, push_to_hub=True))
+
+
+def test_unknown_config_keys_are_refused(tmp_path):
+    from trl import TrlParser
+
+    config = tmp_path / "round.yaml"
+    config.write_text("round: 1\nnum_rolouts: 4\n")
+    with pytest.raises(ValueError, match="num_rolouts"):
+        TrlParser((RoundArguments, RoundSearchConfig)).parse_args_and_config(["--config", str(config)])
+
+
+def test_the_script_stops_on_bad_input_before_any_compute(tmp_path):
+    result = _round(["--output_dir", str(tmp_path / "run"), "--model_name_or_path", "./no/such/policy"], timeout=120)
+    assert result.returncode != 0
+    assert "error: --model_name_or_path './no/such/policy' does not exist" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_documents_every_option():
+    from trl import TrlParser
+
+    help_text = TrlParser((RoundArguments, RoundSearchConfig)).format_help()
+    for name in (*RoundArguments.__dataclass_fields__, *RoundSearchConfig.__dataclass_fields__):
+        assert f"--{name}" in help_text, name
+    for field in RoundArguments.__dataclass_fields__.values():
+        assert field.metadata.get("help"), field.name
+
+
+def test_shipped_recipes_parse(tmp_path):
+    from trl import TrlParser
+
+    recipes = sorted((ROOT / "recipes").glob("tiny/round*.yaml")) + sorted(
+        (ROOT / "recipes" / "rstar-math" / "qwen2.5-math-7b").glob("round*.yaml"))  # fmt: skip
+    assert len(recipes) == 8
+    for k, recipe in enumerate(recipes, start=1):
+        args, search = TrlParser((RoundArguments, RoundSearchConfig)).parse_args_and_config(["--config", str(recipe)])
+        assert args.round == (k - 1) % 4 + 1, recipe
+        assert search.c_puct == 2.0 and search.max_depth == 16, recipe
+        assert (args.round == 4) == bool(args.unsolved_rollouts), recipe
+
+
+def test_dataset_folders_round_trip(tmp_path):
+    from rstar_trl.hub import save_dataset_folder
+
+    data = Dataset.from_dict({"prompt": ["a", "b"], "completion": ["c", "d"]})
+    save_dataset_folder(data, str(tmp_path / "sft"), "card")
+    assert load_dataset_folder(str(tmp_path / "sft")).to_dict() == data.to_dict()
+    with pytest.raises(FileNotFoundError, match="not a dataset folder"):
+        load_dataset_folder(str(tmp_path))

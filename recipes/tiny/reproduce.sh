@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Miniature reproduction of rStar-Math's claims on the embedded tiny default (results: docs/results.md).
+#
+#   bash recipes/tiny/reproduce.sh a [OUT]   # Table 3 in miniature: rounds 1-4, greedy accuracy of every policy
+#   bash recipes/tiny/reproduce.sh b [OUT]   # Table 8 in miniature: PPM vs PQM vs ORM at the same search budget
+#   bash recipes/tiny/reproduce.sh c [OUT]   # PPM-guided MCTS vs best-of-N vs maj@k vs greedy at matched tokens
+#
+# OUT defaults to runs/repro. Stages already finished there are skipped (every part reuses the rounds it needs),
+# so the parts can run in any order. Everything is evaluated on the held-out synthetic test split (tiny-test);
+# nothing is tuned on it. Seeds are fixed (42), so a re-run on the same machine gives the same numbers.
+set -euo pipefail
+PART=${1:?usage: reproduce.sh a|b|c [OUT]}
+OUT=${2:-runs/repro}
+PY=${PY:-.venv/bin/python}
+ACCELERATE=${ACCELERATE:-.venv/bin/accelerate}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
+
+round() {  # run round $1 of the tiny recipe into $OUT (skipped when finished)
+  "$ACCELERATE" launch recipes/round.py --config "recipes/tiny/round$1.yaml" --output_dir "$OUT"
+}
+
+evaluate() {  # evaluate: $1 policy, $2 ppm (unused by greedy / maj), $3 output dir, $4 limit, rest: methods
+  local policy=$1 ppm=$2 out=$3 limit=$4
+  shift 4
+  "$PY" recipes/eval.py --config recipes/tiny/eval.yaml --model_name_or_path "$policy" --ppm_path "$ppm" \
+    --output_dir "$out" --limit "$limit" --methods "$@"
+}
+
+case "$PART" in
+  a)
+    for k in 1 2 3 4; do round "$k"; done
+    evaluate "$OUT/tiny_policy" "$OUT/round_1/ppm" "$OUT/eval/a/round_0" 500 greedy
+    for k in 1 2 3 4; do evaluate "$OUT/round_$k/policy" "$OUT/round_$k/ppm" "$OUT/eval/a/round_$k" 500 greedy; done
+    ;;
+  b)
+    for k in 1 2; do round "$k"; done
+    for loss in pqm orm; do
+      [ -f "$OUT/round_2/$loss/baseline.json" ] || "$PY" recipes/reward_baselines.py --round_dir "$OUT/round_2" \
+        --loss_type "$loss"
+    done
+    for rm in ppm pqm orm; do
+      evaluate "$OUT/round_2/policy" "$OUT/round_2/$rm" "$OUT/eval/b/$rm" 200 best_of_n@16 mcts@8x5
+    done
+    ;;
+  c)
+    for k in 1 2; do round "$k"; done
+    evaluate "$OUT/round_2/policy" "$OUT/round_2/ppm" "$OUT/eval/c" 200 greedy maj@4 maj@16 best_of_n@4 \
+      best_of_n@16 mcts@4x4 mcts@8x5 beam@2x4 beam@4x4
+    ;;
+  *) echo "unknown part $PART (a, b or c)" >&2; exit 2 ;;
+esac

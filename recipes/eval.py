@@ -18,7 +18,7 @@ import os
 
 from trl import TrlParser
 
-from rstar_trl.evaluation import EvalConfig, Evaluator, write_report
+from rstar_trl.evaluation import EvalConfig, Evaluator, add_eval_to_cards, write_report
 
 
 def main(args: EvalConfig) -> None:
@@ -34,6 +34,9 @@ def main(args: EvalConfig) -> None:
     print("\n" + open(paths["results.md"]).read())
     for path in paths.values():
         print(f"Wrote {path}")
+    if args.update_cards:
+        for card in add_eval_to_cards(results, [args.model_name_or_path, args.ppm_path]):
+            print(f"Updated the model card {card}")
 
 
 if __name__ == "__main__":

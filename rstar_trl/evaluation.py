@@ -193,6 +193,11 @@ class EvalConfig(MCTSConfig):
                   "the policy's engine: keep the two --*gpu_memory_utilization under 1 together)."},
     )  # fmt: skip
     ppm_max_length: int = field(default=2048, metadata={"help": "Tokens of a PPM input kept (the last ones)."})
+    update_cards: bool = field(
+        default=False,
+        metadata={"help": "Add the results table to the model cards (README.md) of the policy and the PPM, when they "
+                  "are local folders (e.g. a round's policy/ and ppm/); one section per dataset, replaced on re-run."},
+    )  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()
@@ -859,6 +864,33 @@ def write_report(results: dict, output_dir: str) -> dict[str, str]:
         f.write(results_table(results))
     plot_accuracy_vs_tokens(results, paths["accuracy_vs_tokens.png"])
     return paths
+
+
+_CARD_SECTION = "<!-- rstar_trl:eval {dataset} -->"
+
+
+def add_eval_to_cards(results: dict, folders: Sequence[str | None]) -> list[str]:
+    """Put the results table in the `README.md` model card of each local checkpoint folder (policy, PPM) as an
+    "Evaluation" section for the dataset; a section for the same dataset is replaced, others are kept. Returns the
+    cards written; folders without a card (or not local) are skipped."""
+    written = []
+    start = _CARD_SECTION.format(dataset=results["dataset"])
+    end = start.replace("<!-- ", "<!-- end ")
+    section = f"{start}\n## Evaluation on {results['dataset']}\n\n{results_table(results)}{end}\n"
+    for folder in folders:
+        card = os.path.join(folder, "README.md") if folder else None
+        if not card or not os.path.isfile(card):
+            continue
+        with open(card) as f:
+            text = f.read()
+        if start in text and end in text:
+            text = text[: text.index(start)] + section + text[text.index(end) + len(end) + 1 :]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+        with open(card, "w") as f:
+            f.write(text)
+        written.append(card)
+    return written
 
 
 def _jsonable(value):

@@ -224,3 +224,28 @@ def test_the_recipe_refuses_a_ppm_method_without_a_ppm_path(tmp_path):
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode != 0
     assert "--ppm_path" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_eval_results_go_into_the_round_cards_once_per_dataset(tmp_path):
+    from rstar_trl.evaluation import add_eval_to_cards
+
+    policy, ppm = tmp_path / "policy", tmp_path / "ppm"
+    policy.mkdir()
+    ppm.mkdir()
+    (policy / "README.md").write_text("# policy card\n\nbody\n")
+    (ppm / "README.md").write_text("# ppm card\n")
+
+    def results(accuracy: float, dataset: str = "tiny-test") -> dict:
+        method = {"method": "greedy", "name": "greedy", "budget": [], "accuracy": accuracy, "correct": 1,
+                  "num_problems": 4, "answered": 1.0, "tokens_per_problem": 50.0, "time_s": 1.0}  # fmt: skip
+        return {"model": str(policy), "ppm": str(ppm), "dataset": dataset, "num_problems": 4, "time_s": 1.0,
+                "methods": [method]}  # fmt: skip
+
+    assert len(add_eval_to_cards(results(0.25), [str(policy), str(ppm), str(tmp_path / "missing"), None])) == 2
+    add_eval_to_cards(results(0.75), [str(policy)])  # a re-run replaces its section
+    add_eval_to_cards(results(0.5, "math500"), [str(policy)])  # another dataset adds one
+    text = (policy / "README.md").read_text()
+    assert text.startswith("# policy card\n\nbody\n")
+    assert text.count("## Evaluation on tiny-test") == 1 and "| greedy | 75.0% |" in text and "25.0%" not in text
+    assert "## Evaluation on math500" in text and "| greedy | 50.0% |" in text
+    assert "| greedy | 25.0% |" in (ppm / "README.md").read_text()

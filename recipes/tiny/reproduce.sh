@@ -23,14 +23,16 @@ evaluate() {  # evaluate: $1 policy, $2 ppm (unused by greedy / maj), $3 output 
   local policy=$1 ppm=$2 out=$3 limit=$4
   shift 4
   "$PY" recipes/eval.py --config recipes/tiny/eval.yaml --model_name_or_path "$policy" --ppm_path "$ppm" \
-    --output_dir "$out" --limit "$limit" --methods "$@"
+    --output_dir "$out" --limit "$limit" --methods "$@"  # extra options after the methods pass through
 }
 
 case "$PART" in
   a)
     for k in 1 2 3 4; do round "$k"; done
     evaluate "$OUT/tiny_policy" "$OUT/round_1/ppm" "$OUT/eval/a/round_0" 500 greedy
-    for k in 1 2 3 4; do evaluate "$OUT/round_$k/policy" "$OUT/round_$k/ppm" "$OUT/eval/a/round_$k" 500 greedy; done
+    for k in 1 2 3 4; do  # each round's policy and PPM cards get the round's numbers (--update_cards)
+      evaluate "$OUT/round_$k/policy" "$OUT/round_$k/ppm" "$OUT/eval/a/round_$k" 500 greedy maj@8 --update_cards
+    done
     ;;
   b)
     for k in 1 2; do round "$k"; done

@@ -13,7 +13,9 @@ import string
 
 from datasets import Dataset
 
-TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hub")
+# The card templates live in the repository's hub/ folder; rstar_trl/templates is a link to it, which a wheel
+# build turns into a copy inside the package (package-data), so installed copies find them too.
+TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
 
 class HubPushError(RuntimeError):

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("ppm", "orm", "pqm")
 # The template lives with the other Hub card templates of the project (`hub/`).
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "hub" / "ppm_model_card.md"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "ppm_model_card.md"  # = hub/ (a link)
 _KEPT = ("ok", "truncated")
 # Columns the collator reads; `Trainer` drops the others when `remove_unused_columns` is set.
 _SIGNATURE_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label", "weight"]

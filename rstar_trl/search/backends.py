@@ -91,6 +91,24 @@ class GenerationBackend(ABC):
         """The longest sequence (prompt + generation) the model takes, if known."""
 
 
+def count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:
+    """Number of tokens of each text, without special tokens added (what a prompt costs in the context)."""
+    return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False).input_ids]
+
+
+def split_stop_tokens(tokenizer, stop: Sequence[str]) -> tuple[list[int], list[str]]:
+    """The stop strings that are single tokens of `tokenizer` (as token ids, matched cheaply by the engine), and
+    the rest (as strings)."""
+    ids, strings = [], []
+    for s in stop:
+        encoded = tokenizer(s, add_special_tokens=False).input_ids
+        if len(encoded) == 1 and tokenizer.decode(encoded, skip_special_tokens=False) == s:
+            ids.append(encoded[0])
+        else:
+            strings.append(s)
+    return ids, strings
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Cut `text` right after the earliest stop string; returns (text, whether a stop string was found)."""
     ends = [i + len(s) for s in stop if (i := text.find(s)) >= 0]
@@ -147,16 +165,7 @@ class TransformersBackend(GenerationBackend):
         return getattr(self.model.config, "max_position_embeddings", None)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False).input_ids]
-
-    def _stop_token_ids(self, stop: Sequence[str]) -> list[int] | None:
-        ids = []
-        for s in stop:
-            encoded = self.tokenizer(s, add_special_tokens=False).input_ids
-            if len(encoded) != 1 or self.tokenizer.decode(encoded, skip_special_tokens=False) != s:
-                return None
-            ids.append(encoded[0])
-        return ids
+        return count_tokens(self.tokenizer, texts)
 
     @torch.inference_mode()
     def generate(self, prompts, n, stop, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
@@ -164,7 +173,8 @@ class TransformersBackend(GenerationBackend):
         seeds = prompt_seeds(seed, len(prompts))
         encoded = self.tokenizer(prompts, add_special_tokens=False).input_ids
         results: list[list[Completion]] = [[] for _ in prompts]
-        stop_ids = self._stop_token_ids(stop)
+        stop_ids, rest = split_stop_tokens(self.tokenizer, stop)
+        stop_ids = None if rest else stop_ids  # single-token markers only: else transformers matches the strings
         eos_ids = list(stop_ids or [])
         if self.tokenizer.eos_token_id is not None:
             eos_ids.append(self.tokenizer.eos_token_id)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from .backends import Completion, GenerationBackend, cut_at_stop, prompt_seeds
+from .backends import Completion, GenerationBackend, count_tokens, cut_at_stop, prompt_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class OpenAIServerBackend(GenerationBackend):
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         if self.tokenizer is not None:
-            return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False).input_ids]
+            return count_tokens(self.tokenizer, texts)
 
         def count(text: str) -> int:  # vLLM's /tokenize endpoint
             payload = {"model": self.model, "prompt": text, "add_special_tokens": False}

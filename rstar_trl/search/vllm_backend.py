@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .backends import Completion, GenerationBackend, cut_at_stop, prompt_seeds
+from .backends import Completion, GenerationBackend, count_tokens, cut_at_stop, prompt_seeds, split_stop_tokens
 
 
 def _vllm():
@@ -83,18 +83,7 @@ class VLLMBackend(GenerationBackend):
         return self._max_context
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False).input_ids]
-
-    def _split_stop(self, stop: Sequence[str]) -> tuple[list[int], list[str]]:
-        """Single-token stop strings as token ids; the rest as strings."""
-        ids, strings = [], []
-        for s in stop:
-            encoded = self.tokenizer(s, add_special_tokens=False).input_ids
-            if len(encoded) == 1 and self.tokenizer.decode(encoded, skip_special_tokens=False) == s:
-                ids.append(encoded[0])
-            else:
-                strings.append(s)
-        return ids, strings
+        return count_tokens(self.tokenizer, texts)
 
     def generate(self, prompts, n, stop, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
         vllm = _vllm()
@@ -103,7 +92,7 @@ class VLLMBackend(GenerationBackend):
         prompts = list(prompts)
         seeds = prompt_seeds(seed, len(prompts))
         encoded = self.tokenizer(prompts, add_special_tokens=False).input_ids
-        stop_ids, stop_strings = self._split_stop(stop)
+        stop_ids, stop_strings = split_stop_tokens(self.tokenizer, stop)
         results: list[list[Completion]] = [[Completion("", 0, "prompt_too_long")] * n for _ in prompts]
         todo = [i for i, ids in enumerate(encoded) if len(ids) + max_new_tokens <= self._max_context]
         if not todo:

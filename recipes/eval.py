@@ -29,7 +29,8 @@ def main(args: EvalConfig) -> None:
         # A Hub id is "org/name"; anything else that does not exist locally is a wrong path.
         if path and not os.path.exists(path) and (path.startswith((".", "/")) or path.count("/") > 1):
             raise SystemExit(f"--{name} {path!r} does not exist")
-    results = Evaluator(args=args).evaluate()
+    with Evaluator(args=args) as evaluator:
+        results = evaluator.evaluate()
     paths = write_report(results, args.output_dir)
     print("\n" + open(paths["results.md"]).read())
     for path in paths.values():

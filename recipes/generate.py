@@ -86,8 +86,8 @@ def main(script_args: GenerateArguments, mcts_args: MCTSConfig) -> None:
     if script_args.limit is not None:
         problems = problems.select(range(min(script_args.limit, len(problems))))
 
-    generator = MCTSGenerator(model, args=mcts_args, train_dataset=problems)
-    trees = generator.generate()
+    with MCTSGenerator(model, args=mcts_args, train_dataset=problems) as generator:
+        trees = generator.generate()
     if not state.is_main_process:
         return
 

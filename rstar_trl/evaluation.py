@@ -622,7 +622,9 @@ class Evaluator:
             raise ValueError("no policy to evaluate: pass --model_name_or_path (e.g. runs/tiny/round_1/policy)")
         self.model_name = model if isinstance(model, str) else type(model).__name__
         self.backend = build_backend(model, self.args, processing_class)
+        self._owns_backend = self.backend is not model
         self._ppm = ppm
+        self._owns_ppm = False
         self._samples: list[list[Trajectory]] | None = None
         self._samples_time = 0.0
         self._sample_scores_time: float | None = None
@@ -649,7 +651,24 @@ class Evaluator:
                     args.ppm_path, device=args.device, batch_size=args.ppm_batch_size, max_length=args.ppm_max_length,
                     prompt_template=args.template,
                 )  # fmt: skip
+            self._owns_ppm = True
         return self._ppm
+
+    def close(self) -> None:
+        """Release the engines this evaluator built (policy backend, PPM scorer); ones passed in are left to their
+        owner. Also done on leaving a `with Evaluator(...) as evaluator:` block."""
+        if self._owns_backend:
+            self.backend.close()
+            self._owns_backend = False
+        if self._owns_ppm:
+            self._ppm.close()
+            self._owns_ppm = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def evaluate(self) -> dict:
         """Run every method; returns the results (what `write_report` saves): settings, one summary per method and

@@ -370,10 +370,12 @@ def _search_trees(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, sta
             break
         config = replace(search, num_rollouts=rollouts, seed=search.seed + number,
                          output_dir=os.path.join(plan.round_dir, "search", f"pass{number}"))  # fmt: skip
-        generator = MCTSGenerator(plan.search_policy, args=config, train_dataset=plan.problems.select(todo), ppm=ppm)
-        found = generator.generate().add_column("search_pass", [number] * len(todo))
-        stats = generator.stats
-        del generator  # the engine's memory goes back before the next pass or the training stages
+        # The engine's memory goes back (close) before the next pass or the training stages.
+        with MCTSGenerator(plan.search_policy, args=config, train_dataset=plan.problems.select(todo),
+                           ppm=ppm) as generator:  # fmt: skip
+            found = generator.generate().add_column("search_pass", [number] * len(todo))
+            stats = generator.stats
+        del generator
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -30,4 +30,6 @@ def vllm_engine(tiny_policy):
         dtype="float32", enable_chunked_prefill=False, generation_config="vllm",
     )  # fmt: skip
     yield engine
-    del engine
+    from rstar_trl.search.vllm_backend import shutdown_engine
+
+    shutdown_engine(engine)  # two engines left to interpreter teardown abort the run (exit 134)

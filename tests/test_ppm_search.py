@@ -2,7 +2,9 @@
 MCTS with the PPM follows Eq. 3."""
 
 import math
+import time
 
+import psutil
 import pytest
 import torch
 from datasets import Dataset
@@ -45,13 +47,38 @@ def problems():
     return to_dataset([p for p in tiny_splits()["train"] if p["level"] == 1][:6])
 
 
+def _engine_processes() -> set[int]:
+    """The live vLLM processes (engine core, workers; they name themselves "VLLM::...") under this one."""
+    found = set()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE and process.name().startswith("VLLM"):
+                found.add(process.pid)
+        except psutil.Error:  # exited meanwhile
+            pass
+    return found
+
+
+def _wait_for(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def test_transformers_and_vllm_scorers_agree(ppm_path, problems):
     questions = list(problems["problem"]) * 2
     partials = [""] * 6 + ["# Count them.\nx = 3 + 4\nprint(x)\n<end_of_code>\n"] * 6
     reference = TransformersPPMScorer(ppm_path, device="cpu", batch_size=4).score(questions, partials)
-    scorer = VLLMPPMScorer(ppm_path, gpu_memory_utilization=0.1, dtype="float32", max_model_len=1024,
-                           enable_prefix_caching=False)  # fmt: skip
-    values = scorer.score(questions, partials)
+    engines_before = _engine_processes()
+    with VLLMPPMScorer(ppm_path, gpu_memory_utilization=0.1, dtype="float32", max_model_len=1024,
+                       enable_prefix_caching=False) as scorer:  # fmt: skip
+        assert len(_engine_processes()) > len(engines_before)
+        values = scorer.score(questions, partials)
+    # close() (on leaving the block) stopped the engine-core process this scorer started.
+    assert _wait_for(lambda: _engine_processes() == engines_before)
     assert all(-1 <= v <= 1 for v in values)
     assert max(abs(a - b) for a, b in zip(values, reference)) < 1e-3, (values, reference)
     assert len({round(v, 4) for v in reference}) > 2  # not a constant head: the comparison can fail

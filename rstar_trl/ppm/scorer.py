@@ -95,6 +95,15 @@ class PPMScorer(ABC):
     def score(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
         """The value in [-1, 1] of each partial solution (steps so far, as the policy wrote them) of its question."""
 
+    def close(self) -> None:  # noqa: B027 - an optional hook: most implementations hold no engine
+        """Release the engine's processes and memory (a no-op for in-process scorers)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class TransformersPPMScorer(PPMScorer):
     """A PPM run with plain transformers: batches sorted by length, no gradients.
@@ -195,7 +204,8 @@ class VLLMPPMScorer(PPMScorer):
         super().__init__(prompt_template)
         from vllm import LLM
 
-        if isinstance(model, LLM):
+        self._owns_engine = not isinstance(model, LLM)
+        if not self._owns_engine:
             self.llm = model
         else:
             self.llm = LLM(model=model, runner="pooling", gpu_memory_utilization=gpu_memory_utilization,
@@ -218,3 +228,11 @@ class VLLMPPMScorer(PPMScorer):
             use_tqdm=False,
         )
         return [math.tanh(float(output.outputs.probs[0])) for output in outputs]
+
+    def close(self) -> None:
+        """Shut down the engine if this scorer built it (an `LLM` passed in is left to its owner)."""
+        if self._owns_engine:
+            from rstar_trl.search.vllm_backend import shutdown_engine
+
+            shutdown_engine(self.llm)
+            self._owns_engine = False

@@ -90,6 +90,15 @@ class GenerationBackend(ABC):
     def max_context(self) -> int | None:
         """The longest sequence (prompt + generation) the model takes, if known."""
 
+    def close(self) -> None:  # noqa: B027 - an optional hook: most implementations hold no engine
+        """Release the engine's processes and memory (a no-op for in-process backends)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:
     """Number of tokens of each text, without special tokens added (what a prompt costs in the context)."""

@@ -353,8 +353,22 @@ class MCTSGenerator:
             if self.args.backend == "vllm" and not isinstance(model, GenerationBackend):
                 _claim_gpus(self.state.local_process_index, self.args.tensor_parallel_size)
         self.backend = build_backend(model, self.args, processing_class, device)
+        self._owns_backend = self.backend is not model
         self.model_name = model if isinstance(model, str) else _model_id(self.backend)
         self.stats: dict[str, float] = {}
+
+    def close(self) -> None:
+        """Release the backend this generator built (a vLLM engine's process and memory); a backend passed in is
+        left to its owner. Also done on leaving a `with MCTSGenerator(...) as generator:` block."""
+        if self._owns_backend:
+            self.backend.close()
+            self._owns_backend = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @staticmethod
     def _check_dataset(dataset, test_time: bool) -> Dataset:

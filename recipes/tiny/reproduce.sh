@@ -13,10 +13,18 @@ PART=${1:?usage: reproduce.sh a|b|c [OUT]}
 OUT=${2:-runs/repro}
 PY=${PY:-.venv/bin/python}
 ACCELERATE=${ACCELERATE:-.venv/bin/accelerate}
+NPROC=${NPROC:-2}  # processes for the MCTS searches (the machine's cores; NPROC=1 runs everything in one process)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 
 round() {  # run round $1 of the tiny recipe into $OUT (skipped when finished)
-  "$ACCELERATE" launch recipes/round.py --config "recipes/tiny/round$1.yaml" --output_dir "$OUT"
+  if [ "$NPROC" -gt 1 ]; then
+    # The search (most of a round's time) runs in NPROC processes, one core each: trees are seeded per problem, so
+    # they are the same as in one process. The training stages then run in one process, so the round's policy and
+    # PPM are exactly what the single-process recipe (the README's main command) trains.
+    "$ACCELERATE" launch --multi_gpu --num_processes "$NPROC" --num_machines 1 --mixed_precision no \
+      --dynamo_backend no recipes/round.py --config "recipes/tiny/round$1.yaml" --output_dir "$OUT" --stop_after trees
+  fi
+  "$ACCELERATE" launch --num_processes 1 recipes/round.py --config "recipes/tiny/round$1.yaml" --output_dir "$OUT"
 }
 
 evaluate() {  # evaluate: $1 policy, $2 ppm (unused by greedy / maj), $3 output dir, $4 limit, rest: methods
@@ -31,7 +39,7 @@ case "$PART" in
     for k in 1 2 3 4; do round "$k"; done
     evaluate "$OUT/tiny_policy" "$OUT/round_1/ppm" "$OUT/eval/a/round_0" 500 greedy
     for k in 1 2 3 4; do  # each round's policy and PPM cards get the round's numbers (--update_cards)
-      evaluate "$OUT/round_$k/policy" "$OUT/round_$k/ppm" "$OUT/eval/a/round_$k" 500 greedy maj@8 --update_cards
+      evaluate "$OUT/round_$k/policy" "$OUT/round_$k/ppm" "$OUT/eval/a/round_$k" 500 greedy --update_cards
     done
     ;;
   b)

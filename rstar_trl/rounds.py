@@ -24,6 +24,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -349,6 +351,33 @@ def _stage(plan: RoundPlan, name: str, state: PartialState, run) -> dict:
     return info
 
 
+# What makes a process part of a torchrun / accelerate process group.
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
+
+
+def _build_tiny_policy(path: str, bootstrap_steps: int, num_processes: int) -> None:
+    """Build the embedded tiny policy at `path` (main process only).
+
+    Under a multi-process launch the build runs in a child process outside the process group: its SFTTrainer would
+    otherwise see the group, train data-parallel and wait forever for the other processes, which are waiting for
+    the build. The child gives the same model as a single-process run."""
+    if num_processes == 1:
+        from .tiny import build_tiny_policy
+
+        build_tiny_policy(path, bootstrap_steps=bootstrap_steps)
+        return
+    env = {
+        name: value for name, value in os.environ.items()
+        if name not in _LAUNCHER_VARIABLES and not name.startswith(("TORCHELASTIC_", "ACCELERATE_"))
+    }  # fmt: skip
+    code = (
+        "import sys; from rstar_trl.tiny import build_tiny_policy; "
+        "build_tiny_policy(sys.argv[1], bootstrap_steps=int(sys.argv[2]))"
+    )
+    subprocess.run([sys.executable, "-c", code, path, str(bootstrap_steps)], env=env, check=True)
+
+
 def _scorer_device(state: PartialState) -> str:
     return f"cuda:{state.local_process_index}" if torch.cuda.is_available() else "cpu"
 
@@ -619,11 +648,9 @@ def run_round(args: RoundArguments, search: MCTSConfig, plan: RoundPlan | None =
     state = PartialState(cpu=not torch.cuda.is_available())
     config = {"round": asdict(args), "search": asdict(search)}
     if plan.build_tiny:
-        from .tiny import build_tiny_policy
-
         with state.main_process_first():  # built once, by the main process, and reused on re-runs
             if not os.path.exists(os.path.join(plan.base_model, "config.json")):
-                build_tiny_policy(plan.base_model, bootstrap_steps=args.tiny_bootstrap_steps)
+                _build_tiny_policy(plan.base_model, args.tiny_bootstrap_steps, state.num_processes)
     if search.torch_threads:
         torch.set_num_threads(search.torch_threads)
     if state.is_main_process:

@@ -276,6 +276,24 @@ def test_two_process_launch_runs_a_ppm_guided_round_with_an_extra_search_of_unso
     assert (round_dir / "ppm" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_two_process_round_one_from_nothing_builds_the_tiny_policy_once(tmp_path):
+    # The main process builds the tiny policy while the other waits; the build's trainer must not join the process
+    # group (it did, and both processes waited for each other forever).
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",
+        SCRIPT, "--output_dir", str(tmp_path), "--tiny_bootstrap_steps", "8", "--limit", "8", "--num_rollouts", "1",
+        "--num_candidates", "2", "--stop_after", "trees",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads((tmp_path / "tiny_policy" / "tiny_policy.json").read_text())
+    assert info["bootstrap_steps"] == 8
+    assert len(load_dataset_folder(str(tmp_path / "round_1" / "trees"))) == 8
+    assert not (tmp_path / "round_1" / "sft").exists()  # --stop_after trees
+
+
 # -- planning and bad input: checked before any compute ------------------------------------------------------------
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree, format_prompt
+from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree, format_prompt, grade_answer
+from rstar_trl.evaluation import EvalConfig, Evaluator
 from rstar_trl.format import ANSWER_STOP_STRINGS, STEP_STOP_STRINGS
 from rstar_trl.search.vllm_backend import VLLMBackend
 from rstar_trl.tiny import tiny_splits, to_dataset
@@ -72,3 +73,23 @@ def test_mcts_with_vllm_grows_valid_trees_and_is_reproducible(backend, problems)
     config.problems_in_flight = 3
     again = MCTSGenerator(backend, config, problems).generate()
     assert again["tree"] == first["tree"]
+
+
+def test_the_evaluator_on_vllm_matches_transformers_greedy_and_leaves_a_shared_engine_running(backend, tiny_policy):
+    problems = to_dataset([p for p in tiny_splits()["test"] if p["level"] <= 2][:6])
+    common = dict(max_step_tokens=48, max_answer_tokens=32, executor_workers=1, seed=0)
+    with Evaluator(backend, EvalConfig(methods=["greedy", "maj@2"], backend="vllm", **common),
+                   eval_dataset=problems) as evaluator:  # fmt: skip
+        on_vllm = {m["method"]: m for m in evaluator.evaluate()["methods"]}
+    reference = Evaluator(tiny_policy, EvalConfig(methods=["greedy"], device="cpu", torch_threads=1, **common),
+                          eval_dataset=problems).evaluate()["methods"][0]  # fmt: skip
+    # Greedy decoding of the same float32 weights: the same solutions (one may differ on a near-tie of logits).
+    same = [a["solution"] == b["solution"] for a, b in zip(on_vllm["greedy"]["problems"], reference["problems"])]
+    assert sum(same) >= len(problems) - 1, (on_vllm["greedy"]["problems"], reference["problems"])
+    assert on_vllm["greedy"]["correct"] >= 1
+    for record, gold in zip(on_vllm["maj@2"]["problems"], problems["answer"]):
+        assert record["correct"] == (record["answer"] is not None and grade_answer(record["answer"], gold))
+        assert record["tokens"] > 0
+    # The backend was passed in, so leaving the block did not shut the session's engine down.
+    (row,) = backend.generate([format_prompt(problems["problem"][0])], 1, STEP_STOP_STRINGS, 8, seed=[0])
+    assert row[0].num_tokens > 0

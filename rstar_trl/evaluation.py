@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from .closing import Closeable
 from .data import load_problems
 from .executor import PythonExecutor
 from .format import (
@@ -581,7 +582,7 @@ class _TokenMeter(GenerationBackend):
         return results
 
 
-class Evaluator:
+class Evaluator(Closeable):
     """Evaluate a policy (and a PPM) on problems with gold answers by every method of `args.methods`.
 
     Args:
@@ -663,12 +664,6 @@ class Evaluator:
         if self._owns_ppm:
             self._ppm.close()
             self._owns_ppm = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def evaluate(self) -> dict:
         """Run every method; returns the results (what `write_report` saves): settings, one summary per method and

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from rstar_trl.closing import Closeable
 from rstar_trl.format import POLICY_PROMPT, format_prompt
 
 __all__ = ["PPMScorer", "TransformersPPMScorer", "VLLMPPMScorer", "ppm_text"]
@@ -67,7 +68,7 @@ def _capture_token_scores(head: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-class PPMScorer(ABC):
+class PPMScorer(Closeable, ABC):
     """Values partial solutions in [-1, 1] with a process preference model, one batched call per list.
 
     Satisfies the `StepScorer` protocol of `rstar_trl.search`. Subclasses implement `score`, building the input
@@ -94,15 +95,6 @@ class PPMScorer(ABC):
     @abstractmethod
     def score(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
         """The value in [-1, 1] of each partial solution (steps so far, as the policy wrote them) of its question."""
-
-    def close(self) -> None:  # noqa: B027 - an optional hook: most implementations hold no engine
-        """Release the engine's processes and memory (a no-op for in-process scorers)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class TransformersPPMScorer(PPMScorer):

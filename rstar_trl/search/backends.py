@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from ..closing import Closeable
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -62,7 +64,7 @@ class Completion:
     finish_reason: str
 
 
-class GenerationBackend(ABC):
+class GenerationBackend(Closeable, ABC):
     """What `MCTSGenerator` needs from a generation engine."""
 
     @abstractmethod
@@ -89,15 +91,6 @@ class GenerationBackend(ABC):
     @abstractmethod
     def max_context(self) -> int | None:
         """The longest sequence (prompt + generation) the model takes, if known."""
-
-    def close(self) -> None:  # noqa: B027 - an optional hook: most implementations hold no engine
-        """Release the engine's processes and memory (a no-op for in-process backends)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def count_tokens(tokenizer, texts: Sequence[str]) -> list[int]:

@@ -27,6 +27,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from ..closing import Closeable
 from ..executor import PythonExecutor
 from ..format import (
     ANSWER_STOP_STRINGS,
@@ -320,7 +321,7 @@ def build_backend(model, args: MCTSConfig, processing_class=None, device: str | 
     )  # fmt: skip
 
 
-class MCTSGenerator:
+class MCTSGenerator(Closeable):
     """Generate MCTS search trees (and their Q-labelled steps) for a dataset of problems.
 
     Args:
@@ -363,12 +364,6 @@ class MCTSGenerator:
         if self._owns_backend:
             self.backend.close()
             self._owns_backend = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     @staticmethod
     def _check_dataset(dataset, test_time: bool) -> Dataset:

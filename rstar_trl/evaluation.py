@@ -31,7 +31,8 @@ import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 from datasets import Dataset
@@ -384,6 +385,21 @@ def _accept(trajectory: Trajectory, proposal: _Proposal, max_depth: int) -> None
         trajectory.end = "max_depth"
 
 
+def _waves(num_problems: int, limit: int, desc: str) -> Iterator[list[int]]:
+    """The problems in flight, wave by wave: at most `limit` at once, started in index order, refilled as others
+    finish. Each wave yields the list of problems in flight; the caller removes the finished ones from it in place,
+    and the progress bar counts them."""
+    queue = deque(range(num_problems))
+    active: list[int] = []
+    with tqdm(total=num_problems, desc=desc, unit="problem") as progress:
+        while queue or active:
+            while queue and len(active) < limit:
+                active.append(queue.popleft())
+            in_flight = len(active)
+            yield active
+            progress.update(in_flight - len(active))
+
+
 def sample_solutions(
     backend: GenerationBackend,
     executor: PythonExecutor,
@@ -396,34 +412,22 @@ def sample_solutions(
     """`num_samples` step-wise solutions of every prompt (result[i][j]: sample j of prompt i). Up to
     `args.problems_in_flight` problems are in flight; each wave advances all their unfinished solutions by one step
     with one generation call, one `run_batch` and one answer call."""
-    queue = list(range(len(prompts)))[::-1]
     results = [[Trajectory(i, j, prompts[i]) for j in range(num_samples)] for i in range(len(prompts))]
-    active: list[int] = []
-    progress = tqdm(total=len(prompts), desc=desc, unit="problem")
-    try:
-        while queue or active:
-            while queue and len(active) < args.problems_in_flight:
-                active.append(queue.pop())
-            live = [t for i in active for t in results[i] if t.end is None]
-            seeds = [mix_seed(args.seed, _SAMPLE_STREAM, t.problem, t.sample, t.depth, t.failures) for t in live]
-            for trajectory, (proposal,) in zip(
-                live, propose_steps(backend, executor, args, live, 1, temperature, seeds)
-            ):
-                trajectory.tokens += proposal.tokens
-                if proposal.error is None:
-                    _accept(trajectory, proposal, args.max_depth)
-                elif proposal.error == "context_full":
-                    trajectory.end = "context_full"
-                else:
-                    trajectory.failures += 1
-                    # Greedy decoding would write the same failing step again.
-                    if trajectory.failures >= args.max_consecutive_errors or temperature == 0:
-                        trajectory.end = "errors"
-            done = [i for i in active if all(t.end is not None for t in results[i])]
-            active = [i for i in active if i not in done]
-            progress.update(len(done))
-    finally:
-        progress.close()
+    for active in _waves(len(prompts), args.problems_in_flight, desc):
+        live = [t for i in active for t in results[i] if t.end is None]
+        seeds = [mix_seed(args.seed, _SAMPLE_STREAM, t.problem, t.sample, t.depth, t.failures) for t in live]
+        for trajectory, (proposal,) in zip(live, propose_steps(backend, executor, args, live, 1, temperature, seeds)):
+            trajectory.tokens += proposal.tokens
+            if proposal.error is None:
+                _accept(trajectory, proposal, args.max_depth)
+            elif proposal.error == "context_full":
+                trajectory.end = "context_full"
+            else:
+                trajectory.failures += 1
+                # Greedy decoding would write the same failing step again.
+                if trajectory.failures >= args.max_consecutive_errors or temperature == 0:
+                    trajectory.end = "errors"
+        active[:] = [i for i in active if any(t.end is None for t in results[i])]
     return results
 
 
@@ -462,54 +466,43 @@ def beam_search(
     ended: list[list[Trajectory]] = [[] for _ in prompts]
     tokens = [0] * len(prompts)
     failures = [0] * len(prompts)
-    queue = list(range(len(prompts)))[::-1]
-    active: list[int] = []
-    progress = tqdm(total=len(prompts), desc=desc, unit="problem")
-    try:
-        while queue or active:
-            while queue and len(active) < args.problems_in_flight:
-                active.append(queue.pop())
-            live = [beam for i in active for beam in beams[i]]
-            seeds = [
-                mix_seed(args.seed, _BEAM_STREAM, b.problem, b.depth, b.sample, failures[b.problem]) for b in live
-            ]
-            proposals = propose_steps(backend, executor, args, live, num_candidates, args.temperature, seeds)
-            pools: dict[int, list[Trajectory]] = {i: [] for i in active}
-            for beam, row in zip(live, proposals):
-                seen = {t.text for t in pools[beam.problem]}
-                for proposal in row:
-                    tokens[beam.problem] += proposal.tokens
-                    if proposal.error is not None or beam.text + proposal.text in seen:
-                        continue
-                    child = Trajectory(beam.problem, 0, beam.prompt, beam.text, list(beam.steps))
-                    _accept(child, proposal, args.max_depth)
-                    seen.add(child.text)
-                    pools[beam.problem].append(child)
-            candidates = [t for i in active for t in pools[i]]
-            if candidates:  # ONE scoring call for all problems
-                scores = scorer.score([questions[t.problem] for t in candidates], [t.text for t in candidates])
-                for trajectory, score in zip(candidates, scores):
-                    trajectory.score = float(score)
-            still_active = []
-            for i in active:
-                pool = pools[i]
-                if not pool:
-                    failures[i] += 1
-                    if failures[i] < args.max_consecutive_errors:
-                        still_active.append(i)
+    for active in _waves(len(prompts), args.problems_in_flight, desc):
+        live = [beam for i in active for beam in beams[i]]
+        seeds = [mix_seed(args.seed, _BEAM_STREAM, b.problem, b.depth, b.sample, failures[b.problem]) for b in live]
+        proposals = propose_steps(backend, executor, args, live, num_candidates, args.temperature, seeds)
+        pools: dict[int, list[Trajectory]] = {i: [] for i in active}
+        for beam, row in zip(live, proposals):
+            seen = {t.text for t in pools[beam.problem]}
+            for proposal in row:
+                tokens[beam.problem] += proposal.tokens
+                if proposal.error is not None or beam.text + proposal.text in seen:
                     continue
-                failures[i] = 0
-                kept = [pool[k] for k in select_top([t.score for t in pool], width - len(ended[i]))]
-                beams[i] = [t for t in kept if t.end is None]
-                for slot, beam in enumerate(beams[i]):
-                    beam.sample = slot
-                ended[i] += [t for t in kept if t.end is not None]
-                if beams[i]:
+                child = Trajectory(beam.problem, 0, beam.prompt, beam.text, list(beam.steps))
+                _accept(child, proposal, args.max_depth)
+                seen.add(child.text)
+                pools[beam.problem].append(child)
+        candidates = [t for i in active for t in pools[i]]
+        if candidates:  # ONE scoring call for all problems
+            scores = scorer.score([questions[t.problem] for t in candidates], [t.text for t in candidates])
+            for trajectory, score in zip(candidates, scores):
+                trajectory.score = float(score)
+        still_active = []
+        for i in active:
+            pool = pools[i]
+            if not pool:
+                failures[i] += 1
+                if failures[i] < args.max_consecutive_errors:
                     still_active.append(i)
-            progress.update(len(active) - len(still_active))
-            active = still_active
-    finally:
-        progress.close()
+                continue
+            failures[i] = 0
+            kept = [pool[k] for k in select_top([t.score for t in pool], width - len(ended[i]))]
+            beams[i] = [t for t in kept if t.end is None]
+            for slot, beam in enumerate(beams[i]):
+                beam.sample = slot
+            ended[i] += [t for t in kept if t.end is not None]
+            if beams[i]:
+                still_active.append(i)
+        active[:] = still_active
     results = []
     for i in range(len(prompts)):
         finished = [t for t in ended[i] if t.end == "answer"]

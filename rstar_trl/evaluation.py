@@ -43,10 +43,8 @@ from .data import load_problems
 from .executor import PythonExecutor
 from .format import (
     ANSWER_STOP_STRINGS,
-    CODE_END,
     OUTPUT_END,
     OUTPUT_START,
-    STEP_END,
     STEP_STOP_STRINGS,
     Step,
     build_program,
@@ -54,8 +52,9 @@ from .format import (
     parse_step,
 )
 from .grading import extract_answer, grade_answer
-from .search.backends import Completion, GenerationBackend, mix_seed
+from .search.backends import GenerationBackend, mix_seed
 from .search.generator import MCTSConfig, MCTSGenerator, StepScorer, build_backend
+from .search.steps import check_completion, check_execution, closes_program, needs_execution
 
 __all__ = [
     "EvalConfig",
@@ -313,8 +312,9 @@ def propose_steps(
     seeds: Sequence[int],
 ) -> list[list[_Proposal]]:
     """`n` candidate next steps of every trajectory: ONE step generation call, ONE `run_batch`, ONE answer generation
-    call for the candidates that closed their program. A candidate is invalid (`error` set) when it has no step
-    marker, is empty, its cumulative program fails, or it closes a program that prints nothing."""
+    call for the candidates that closed their program. A candidate is invalid (`error` set to the reason) by the rule
+    the search uses too (`rstar_trl.search.steps`): no step marker, an empty step, an answer without a closed and
+    executed program (unless `args.allow_unexecuted_answers`), a failing program, a closed program printing nothing."""
     samples = backend.generate(
         [t.prompt + t.text for t in trajectories], n, STEP_STOP_STRINGS, args.max_step_tokens, temperature,
         args.top_p, seeds,
@@ -324,22 +324,21 @@ def propose_steps(
     for trajectory, completions in zip(trajectories, samples):
         row = []
         for completion in completions:
-            proposal = _check_completion(completion)
-            if proposal.error is None and completion.text.rstrip().endswith((STEP_END, CODE_END)):
-                to_run.append((proposal, build_program([*trajectory.steps, proposal.step])))
+            step, error = check_completion(completion, args.allow_unexecuted_answers)
+            text = "" if error == "context_full" else completion.text
+            proposal = _Proposal(text, completion.num_tokens, step, error)
+            if error is None and needs_execution(completion.text):
+                to_run.append((proposal, build_program([*trajectory.steps, step])))
             row.append(proposal)
         proposals.append(row)
     for (proposal, _), result in zip(to_run, executor.run_batch([program for _, program in to_run])):
         proposal.output = result.output
-        if not result.ok:
-            proposal.error = "timeout" if result.timed_out else "code_error"
-        elif proposal.final and not result.output.strip():
-            proposal.error = "no_output"  # a closed program must print its result
+        proposal.error = check_execution(proposal.step, result)
     closed = [
         (i, j)
         for i, row in enumerate(proposals)
         for j, p in enumerate(row)
-        if p.error is None and p.text.rstrip().endswith(CODE_END)
+        if p.error is None and closes_program(p.text)
     ]
     for i, j in closed:
         p = proposals[i][j]
@@ -360,17 +359,6 @@ def propose_steps(
                 if not p.final:
                     p.text += "\n"  # as MCTS stores a step: the next one starts on a new line
     return proposals
-
-
-def _check_completion(completion: Completion) -> _Proposal:
-    if completion.finish_reason == "prompt_too_long":
-        return _Proposal("", 0, error="context_full")
-    if completion.finish_reason != "stop":
-        return _Proposal(completion.text, completion.num_tokens, error="no_step_marker")
-    step = parse_step(completion.text)
-    if not (step.comment.strip() or step.code.strip() or step.answer or step.is_final):
-        return _Proposal(completion.text, completion.num_tokens, error="empty_step")  # a bare marker
-    return _Proposal(completion.text, completion.num_tokens, step=step)
 
 
 def _accept(trajectory: Trajectory, proposal: _Proposal, max_depth: int) -> None:

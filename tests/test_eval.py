@@ -249,3 +249,19 @@ def test_eval_results_go_into_the_round_cards_once_per_dataset(tmp_path):
     assert text.count("## Evaluation on tiny-test") == 1 and "| greedy | 75.0% |" in text and "25.0%" not in text
     assert "## Evaluation on math500" in text and "| greedy | 50.0% |" in text
     assert "| greedy | 25.0% |" in (ppm / "README.md").read_text()
+
+
+def test_evaluation_drops_answers_without_an_executed_program_like_the_search():
+    from rstar_trl.evaluation import Trajectory, propose_steps
+    from rstar_trl.search import MCTSConfig
+
+    unexecuted = "# the sum is five\n<answer>The answer is \\boxed{5}.<end_of_answer>"
+    executed = "# add and show\nprint(2 + 3)\n<end_of_code>"
+    backend = ReplayBackend(lambda so_far: [unexecuted, executed])
+    trajectory = Trajectory(0, 0, format_prompt("What is 2 + 3?"))
+    with PythonExecutor(max_workers=1) as executor:
+        for allow, expected in ((False, ["unexecuted_answer", None]), (True, [None, None])):
+            config = MCTSConfig(executor_workers=1, allow_unexecuted_answers=allow)
+            (row,) = propose_steps(backend, executor, config, [trajectory], 2, 0.8, [0])
+            assert [p.error for p in row] == expected
+    assert "<output>5<end_of_output>" in row[1].text  # the executed one carries its program's output

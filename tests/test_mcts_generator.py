@@ -189,3 +189,105 @@ def test_bare_step_markers_are_dropped_as_empty_steps():
     trees = generator.generate()
     assert generator.stats["dropped_empty_step"] >= 1
     assert all(n["text"].strip() != "<end_of_step>" for n in _nodes(trees[0]))
+
+
+# -- fidelity: terminal values, rollouts as descents, executed answers (docs/method.md) -------------------------
+
+RIGHT = "# show it\nprint(x)\n<end_of_code>"
+WRONG_FINISH = "# show one more\nprint(x + 1)\n<end_of_code>"
+
+
+class OpinionatedScorer:
+    """A PPM that is wrong about both answers: it rates the correct one -0.8 and the wrong one 0.6."""
+
+    def score(self, questions, partial_solutions):
+        return [0.6 if "print(x + 1)" in s else -0.8 if "print(x)" in s else 0.0 for s in partial_solutions]
+
+
+def test_with_a_gold_answer_terminal_nodes_are_valued_by_correctness_not_by_the_ppm():
+    from rstar_trl.ppm import build_preference_pairs
+
+    backend = ReplayBackend(lambda so_far: [GOOD] if so_far == "" else [RIGHT, WRONG_FINISH])
+    config = _config(num_rollouts=1, num_candidates=2)
+    trees = MCTSGenerator(backend, config, _problems(), ppm=OpinionatedScorer()).generate()
+    tree = SearchTree.from_json(trees[0]["tree"])
+    right = next(n for n in tree.nodes if n.correct)
+    wrong = next(n for n in tree.nodes if n.terminal_reason == "answer" and not n.correct)
+    # Before: Eq. 3 then +-1 on top gave Q = 0.1 and -0.2, a gap under 0.5 that dropped the pair below.
+    assert (right.visits, right.Q, wrong.visits, wrong.Q) == (1, 1.0, 1, -1.0)
+    assert right.ppm_score is None and wrong.ppm_score is None  # not scored: their value is known
+    first = right.parent
+    assert first.ppm_score == 0.0 and (first.visits, first.value_sum) == (3, 0.0)  # Eq. 3 + the two answers
+    pairs = build_preference_pairs(trees, min_q_gap=0.5)
+    step_pairs = [p for p in pairs if p["kind"] == "step"]
+    assert len(step_pairs) == 1 and "print(x)" in step_pairs[0]["chosen"]
+    assert "print(x + 1)" in step_pairs[0]["rejected"]
+
+
+class FailsFirst:
+    """Root expansions fail (only broken code) for the first `failures` calls, then give a good step."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.root_calls = 0
+
+    def __call__(self, so_far: str) -> list[str]:
+        if so_far == "":
+            self.root_calls += 1
+            return [BROKEN] if self.root_calls <= self.failures else [GOOD]
+        return script(so_far)
+
+
+def test_a_failed_expansion_is_retried_within_the_same_rollout():
+    generator = MCTSGenerator(ReplayBackend(FailsFirst(2)), _config(num_rollouts=1), _problems())
+    trees = generator.generate()
+    # Before: each failed expansion ended a rollout, so the only rollout was spent on broken code.
+    assert trees[0]["solved"] and trees[0]["rollouts"] == 1
+    assert generator.stats["failed_expansions"] == 2 and generator.stats.get("terminal_errors", 0) == 0
+
+
+def test_a_leaf_that_keeps_failing_becomes_a_dead_end_and_later_rollouts_leave_it():
+    def dead_first_step(so_far):
+        if so_far == "":
+            return [GOOD, WRONG]
+        return [BROKEN] if "2 + 3" in so_far else [FINISH]
+
+    config = _config(num_rollouts=2, num_candidates=2, max_consecutive_errors=3)
+    generator = MCTSGenerator(ReplayBackend(dead_first_step), config, _problems())
+    trees = generator.generate()
+    tree = SearchTree.from_json(trees[0]["tree"])
+    good = next(n for n in tree.nodes if "2 + 3" in n.text)
+    assert (good.terminal_reason, good.visits, good.Q) == ("errors", 1, -1.0)  # -1 on that node only
+    assert trees[0]["rollouts"] == 2  # the descent that ended at the dead end counts; the retries did not
+    assert generator.stats["failed_expansions"] == 3
+    assert any(n.terminal_reason == "answer" for n in tree.nodes)  # the second rollout went down the other child
+    assert tree.root.visits == 1  # only the answer was backed up
+
+
+def test_dead_ends_can_be_backed_up_to_the_root():
+    def dead_first_step(so_far):
+        return [GOOD, WRONG] if so_far == "" else [BROKEN] if "2 + 3" in so_far else [FINISH]
+
+    config = _config(num_rollouts=2, num_candidates=2, dead_end_backup="path")
+    trees = MCTSGenerator(ReplayBackend(dead_first_step), config, _problems()).generate()
+    tree = SearchTree.from_json(trees[0]["tree"])
+    assert tree.root.visits == 2 and tree.root.value_sum == -2.0  # the dead end's -1 and the wrong answer's -1
+
+
+UNEXECUTED = "# the sum is five\n<answer>The answer is \\boxed{5}.<end_of_answer>"
+
+
+def test_answers_without_an_executed_program_are_dropped_and_counted():
+    backend = ReplayBackend(lambda so_far: [UNEXECUTED, GOOD] if so_far == "" else script(so_far))
+    generator = MCTSGenerator(backend, _config(num_candidates=2), _problems())
+    trees = generator.generate()
+    assert generator.stats["dropped_unexecuted_answer"] >= 1
+    assert not any("the sum is five" in n["text"] for n in _nodes(trees[0]))
+    assert trees[0]["solved"]  # through the executed program
+
+
+def test_unexecuted_answers_can_be_allowed_for_policies_that_do_not_write_code():
+    backend = ReplayBackend(lambda so_far: [UNEXECUTED] if so_far == "" else [])
+    generator = MCTSGenerator(backend, _config(num_candidates=1, allow_unexecuted_answers=True), _problems())
+    trees = generator.generate()
+    assert trees[0]["solved"] and generator.stats.get("dropped_unexecuted_answer", 0) == 0

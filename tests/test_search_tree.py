@@ -70,15 +70,24 @@ def test_nodes_cut_for_depth_or_errors_take_the_penalty_on_that_node_only():
     assert tree.root.visits == 0
 
 
-def test_ppm_initialised_q_starts_at_the_score_and_terminal_rewards_accumulate_on_top():
+def test_ppm_initialises_inner_nodes_and_terminal_nodes_are_valued_by_their_reward_alone():
     tree, a, _ = _tree_with_two_steps()
     tree.initialise_with_score(a, 0.4)  # Eq. 3
     assert (a.visits, a.value_sum, a.ppm_score) == (1, 0.4, 0.4)
     a1 = tree.add_child(a, "print(x)\n<end_of_code>")
-    tree.initialise_with_score(a1, 0.6)
+    tree.initialise_with_score(a1, -0.8)  # an old PPM's wrong opinion of a correct answer ...
     tree.finish(a1, "answer", 1.0)
-    assert (a1.visits, a1.value_sum) == (2, pytest.approx(1.6))
-    assert (a.visits, a.value_sum) == (2, pytest.approx(1.4))
+    assert (a1.visits, a1.value_sum, a1.Q) == (1, 1.0, 1.0)  # ... does not survive: the answer was checked
+    assert (a.visits, a.value_sum) == (2, pytest.approx(1.4))  # the reward is backed up on top of a's Eq. 3 value
+    assert (tree.root.visits, tree.root.value_sum) == (1, 1.0)
+
+
+def test_a_dead_end_backed_up_along_the_path_lowers_its_ancestors():
+    tree, a, _ = _tree_with_two_steps()
+    a1 = tree.add_child(a, "# c\ny = x\n<end_of_step>\n")
+    tree.initialise_with_score(a1, 0.7)
+    tree.finish(a1, "errors", -1.0, backpropagate=True)
+    assert (a1.visits, a1.Q) == (1, -1.0) and (a.visits, a.Q) == (1, -1.0) and tree.root.visits == 1
 
 
 def test_select_leaf_descends_to_an_unexpanded_node():

@@ -1,15 +1,19 @@
-"""`MCTSConfig` and `MCTSGenerator`: batched code-augmented MCTS over many problems at once (SPEC §3).
+"""`MCTSConfig` and `MCTSGenerator`: batched code-augmented MCTS over many problems at once (paper §3.1-3.2).
 
 Many trees are in flight. Each *wave* advances every tree by one step of its current rollout, with one batched
 call per stage for all trees together:
 
 1. pick, in every tree, the leaf its rollout expands next (UCT descent for a new rollout);
 2. ONE generation call: `num_candidates` next steps for every such leaf;
-3. ONE `run_batch`: the cumulative program of every new candidate (failing code never becomes a node);
+3. ONE `run_batch`: the cumulative program of every new candidate (failing code never becomes a node; the rule is
+   `steps.check_completion` / `steps.check_execution`, shared with the evaluation);
 4. ONE generation call for the answers of candidates that closed their program (after the executor's output);
-5. ONE scoring call (if a PPM is given) for every new node (Eq. 3), then terminal rewards and back-propagation.
+5. ONE scoring call (if a PPM is given) for the new nodes rollouts can pass through (Eq. 3), then terminal rewards
+   and back-propagation (Eq. 2).
 
-A rollout goes down one step per wave, from the root to a terminal node, expanding every node it passes.
+A rollout is one descent from the root to a terminal node, one step per wave, expanding every node it passes; an
+expansion none of whose candidates survives is retried with fresh seeds within the same rollout. See
+docs/method.md for every rule and how it compares with the paper and the official code.
 """
 
 from __future__ import annotations
@@ -31,26 +35,26 @@ from ..closing import Closeable
 from ..executor import PythonExecutor
 from ..format import (
     ANSWER_STOP_STRINGS,
-    CODE_END,
     FEW_SHOT_PROMPT,
     OUTPUT_END,
     OUTPUT_START,
     POLICY_PROMPT,
-    STEP_END,
     STEP_STOP_STRINGS,
+    Step,
     build_program,
     format_prompt,
-    parse_step,
 )
 from ..grading import extract_answer, grade_answer
 from .backends import GenerationBackend, TransformersBackend, mix_seed
 from .shards import ShardStore
+from .steps import check_completion, check_execution, closes_program, needs_execution
 from .tree import Node, SearchTree
 
 logger = logging.getLogger(__name__)
 
 PROMPT_TEMPLATES = {"policy": POLICY_PROMPT, "few_shot": FEW_SHOT_PROMPT}
 BACKENDS = ("transformers", "vllm", "server")
+DEAD_END_BACKUPS = ("node", "path")
 
 
 def _gold_is_gradable(gold: str) -> bool:
@@ -81,7 +85,11 @@ class MCTSConfig:
         num_candidates: candidate next steps sampled per expansion (5 in round 1, 8 in rounds 2-3, 16 in round 4).
         c_puct: exploration constant c of UCT(s) = Q(s) + c * sqrt(ln N_parent / N(s)).
         max_depth: steps after which a node is terminal with reward -1.
-        max_consecutive_errors: failed expansions (no candidate ran) after which a leaf is terminal with -1.
+        max_consecutive_errors: attempts at expanding a leaf within one rollout (fresh seeds each) before a leaf
+            none of whose candidates survived becomes a dead end.
+        dead_end_backup: where a dead end's -1 goes: "node" (that node only) or "path" (backed up to the root).
+        allow_unexecuted_answers: keep answers written without a closed, executed program (policies that do not
+            write code); by default they are dropped (`dropped_unexecuted_answer`).
         problems_in_flight: trees searched at once; every wave batches all their expansions.
 
     > Parameters that control generation
@@ -132,8 +140,21 @@ class MCTSConfig:
     c_puct: float = field(default=2.0, metadata={"help": "Exploration constant c of UCT (paper: 2)."})
     max_depth: int = field(default=16, metadata={"help": "Steps after which a node is terminal with reward -1."})
     max_consecutive_errors: int = field(
-        default=3, metadata={"help": "Failed expansions (no candidate's code ran) before a leaf is terminal (-1)."}
-    )
+        default=3,
+        metadata={"help": "Attempts at expanding a leaf, within one rollout and with fresh seeds, before a leaf no "
+                  "candidate of which survived becomes a dead end (terminal, value -1)."},
+    )  # fmt: skip
+    dead_end_backup: str = field(
+        default="node",
+        metadata={"help": "Where a dead end's -1 goes (too deep, expansions that keep failing, context full): 'node' "
+                  "(that node only, as the official code does) or 'path' (backed up to the root like an answer).",
+                  "choices": list(DEAD_END_BACKUPS)},
+    )  # fmt: skip
+    allow_unexecuted_answers: bool = field(
+        default=False,
+        metadata={"help": "Keep candidates that write <answer> without a closed, executed program (for policies that "
+                  "do not write code). By default they are dropped and counted as dropped_unexecuted_answer."},
+    )  # fmt: skip
     problems_in_flight: int = field(
         default=256, metadata={"help": "Trees searched at once; each wave batches all their expansions."}
     )
@@ -203,6 +224,12 @@ class MCTSConfig:
         for name in ("num_rollouts", "num_candidates", "max_depth", "problems_in_flight", "max_step_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MCTSConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_consecutive_errors < 1:
+            raise ValueError(f"MCTSConfig.max_consecutive_errors must be >= 1, got {self.max_consecutive_errors}")
+        if self.dead_end_backup not in DEAD_END_BACKUPS:
+            raise ValueError(
+                f"MCTSConfig.dead_end_backup must be one of {list(DEAD_END_BACKUPS)}, got {self.dead_end_backup!r}"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"MCTSConfig.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.backend == "server" and not self.server_url:
@@ -245,9 +272,12 @@ class _Candidate:
     text: str
     tokens: int
     sample: int = 0
-    program: str = ""
+    step: Step | None = None
     output: str = ""
-    final: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.step is not None and self.step.is_final
 
     @property
     def answer_seed_parts(self) -> tuple[int, ...]:
@@ -255,7 +285,8 @@ class _Candidate:
 
 
 # Settings a tree depends on (a resumed run must use the same); the rest (batching, devices, workers) do not.
-_TREE_SETTINGS = ("num_rollouts", "num_candidates", "c_puct", "max_depth", "max_consecutive_errors", "backend",
+_TREE_SETTINGS = ("num_rollouts", "num_candidates", "c_puct", "max_depth", "max_consecutive_errors",
+                  "dead_end_backup", "allow_unexecuted_answers", "backend",
                   "max_step_tokens", "max_answer_tokens", "temperature", "top_p", "seed", "prompt_template",
                   "executor_timeout", "executor_memory_mb")  # fmt: skip
 
@@ -525,50 +556,34 @@ class MCTSGenerator(Closeable):
             for sample, completion in enumerate(completions):
                 counts["candidates"] += 1
                 counts["tokens"] += completion.num_tokens
-                if completion.finish_reason == "prompt_too_long":
-                    counts["dropped_context_full"] += 1
-                    continue
-                if completion.finish_reason != "stop":
-                    counts["dropped_no_step_marker"] += 1
-                    continue
-                if completion.text.strip() in seen:
-                    counts["dropped_duplicate"] += 1
+                step, reason = check_completion(completion, args.allow_unexecuted_answers)
+                if reason is None and completion.text.strip() in seen:
+                    reason = "duplicate"
+                if reason is not None:
+                    counts[f"dropped_{reason}"] += 1
                     continue
                 seen.add(completion.text.strip())
-                candidates.append(_Candidate(search, leaf, completion.text, completion.num_tokens, sample))
+                candidates.append(_Candidate(search, leaf, completion.text, completion.num_tokens, sample, step=step))
             if completions and all(c.finish_reason == "prompt_too_long" for c in completions):
                 out_of_room.append((search, leaf))
 
-        # 3. ONE run_batch for the cumulative programs of all candidates that carry code.
-        to_run = []
-        kept = []
-        for cand in candidates:
-            step = parse_step(cand.text)
-            if not (step.comment.strip() or step.code.strip() or step.answer or step.is_final):
-                counts["dropped_empty_step"] += 1  # a bare marker: no reasoning, no code
-                continue
-            kept.append(cand)
-            cand.final = step.is_final
-            if cand.text.rstrip().endswith(STEP_END) or cand.text.rstrip().endswith(CODE_END):
-                path_steps = [node.step for node in cand.leaf.path()]
-                cand.program = build_program([*path_steps, step])
-                to_run.append(cand)
+        # 3. ONE run_batch for the cumulative programs of all candidates that end a step or close the program.
+        to_run = [cand for cand in candidates if needs_execution(cand.text)]
+        programs = [build_program([*(node.step for node in cand.leaf.path()), cand.step]) for cand in to_run]
         t0 = time.perf_counter()
-        results = executor.run_batch([cand.program for cand in to_run])
+        results = executor.run_batch(programs)
         timers["execution"] += time.perf_counter() - t0
         failed = set()
         for cand, result in zip(to_run, results):
             cand.output = result.output
-            if not result.ok:
-                counts["dropped_timeout" if result.timed_out else "dropped_code_error"] += 1
+            reason = check_execution(cand.step, result)
+            if reason is not None:
+                counts[f"dropped_{reason}"] += 1
                 failed.add(id(cand))
-            elif cand.final and not result.output.strip():
-                counts["dropped_no_output"] += 1  # a closed program must print its result
-                failed.add(id(cand))
-        candidates = [cand for cand in kept if id(cand) not in failed]
+        candidates = [cand for cand in candidates if id(cand) not in failed]
 
         # 4. ONE generation call for the answers of candidates that closed their program.
-        closed = [cand for cand in candidates if cand.text.rstrip().endswith(CODE_END)]
+        closed = [cand for cand in candidates if closes_program(cand.text)]
         for cand in closed:
             cand.text = f"{cand.text}\n{OUTPUT_START}{cand.output.strip()}{OUTPUT_END}\n"
         if closed:
@@ -592,30 +607,44 @@ class MCTSGenerator(Closeable):
             node = cand.search.tree.add_child(cand.leaf, text, output=cand.output)
             new_nodes.append((cand.search, node, cand))
         timers["bookkeeping"] += time.perf_counter() - t0
-        if self.ppm is not None and new_nodes:
+        # Eq. 3 initialises the nodes a later rollout can pass through. Nodes that are terminal at creation are
+        # valued by their reward alone: a graded answer by correctness (+1 / -1), a node cut at max_depth by -1. At
+        # test time (no gold answer) an answer's reward is the PPM's value of the whole solution.
+        to_score = [
+            (search, node) for search, node, cand in new_nodes
+            if not (cand.final and search.tree.gold_answer is not None) and node.depth < args.max_depth
+        ]  # fmt: skip
+        if self.ppm is not None and to_score:
             t0 = time.perf_counter()
             scores = self.ppm.score(
-                [search.tree.question for search, _, _ in new_nodes],
-                [search.tree.trajectory_text(node) for search, node, _ in new_nodes],
+                [search.tree.question for search, _ in to_score],
+                [search.tree.trajectory_text(node) for search, node in to_score],
             )
             timers["scoring"] += time.perf_counter() - t0
-            for (search, node, _), score in zip(new_nodes, scores):
-                search.tree.initialise_with_score(node, float(score))  # Eq. 3: N = 1, q = PPM(x + s_1..s_i)
+            for (_, node), score in zip(to_score, scores):
+                node.ppm_score = float(score)
         t0 = time.perf_counter()
         for search, node, cand in new_nodes:
             self._settle(search.tree, node, cand.final, counts, timers)
         for search, leaf in out_of_room:
             if not leaf.children:
-                search.tree.finish(leaf, "context_full", -1.0, backpropagate=False)
+                counts["terminal_context_full"] += 1
+                self._dead_end(search.tree, leaf, "context_full")
         for search, leaf in expansions:
             self._advance(search, leaf, counts)
         timers["bookkeeping"] += time.perf_counter() - t0
 
+    def _dead_end(self, tree: SearchTree, node: Node, reason: str) -> None:
+        """A node no rollout can go beyond (too deep, expansions that keep failing, no room left): terminal with
+        value -1, on that node only or backed up to the root (`MCTSConfig.dead_end_backup`)."""
+        tree.finish(node, reason, -1.0, backpropagate=self.args.dead_end_backup == "path")
+
     def _settle(self, tree: SearchTree, node: Node, final: bool, counts: Counter, timers: Counter) -> None:
-        """Terminal detection for a new node; terminal children are scored and backed up at creation (SPEC §3)."""
+        """Value a new node: Eq. 3 for a node rollouts can pass through (with a PPM), its reward for a terminal one;
+        terminal children are backed up at creation (Eq. 2), even when no rollout selects them."""
         if final:
             node.answer = extract_answer(node.step.answer or "")
-            if tree.gold_answer is None:  # test time: the scorer's value is the terminal reward
+            if tree.gold_answer is None:  # test time: the PPM's value is the terminal reward
                 tree.finish(node, "answer", node.ppm_score if node.ppm_score is not None else 0.0)
                 return
             t0 = time.perf_counter()
@@ -627,18 +656,23 @@ class MCTSGenerator(Closeable):
             tree.finish(node, "answer", 1.0 if node.correct else -1.0)  # Eq. 2 with the +1 / -1 terminal reward
         elif node.depth >= self.args.max_depth:
             counts["terminal_max_depth"] += 1
-            tree.finish(node, "max_depth", -1.0, backpropagate=False)
+            self._dead_end(tree, node, "max_depth")
+        elif node.ppm_score is not None:
+            tree.initialise_with_score(node, node.ppm_score)  # Eq. 3: N = 1, q = PPM(x + s_1..s_i)
 
     def _advance(self, search: _Search, leaf: Node, counts: Counter) -> None:
-        """Move the rollout one step down, or end it."""
+        """Move the rollout one step down, retry a failed expansion, or end the rollout at a terminal node.
+
+        A rollout is one descent from the root to a terminal node. An expansion in which no candidate survived is
+        retried in the next wave with fresh seeds (the attempt number is part of the seed); after
+        `max_consecutive_errors` failed attempts the leaf is a dead end, which ends the rollout."""
         if not leaf.children and not leaf.terminal:
             leaf.failed_expansions += 1
             counts["failed_expansions"] += 1
-            if leaf.failed_expansions >= self.args.max_consecutive_errors:
-                counts["terminal_errors"] += 1
-                search.tree.finish(leaf, "errors", -1.0, backpropagate=False)
-            search.end_rollout()
-            return
+            if leaf.failed_expansions < self.args.max_consecutive_errors:
+                return  # the cursor stays on the leaf: the same rollout tries again
+            counts["terminal_errors"] += 1
+            self._dead_end(search.tree, leaf, "errors")
         nxt = search.tree.best_child(leaf) if not leaf.terminal else None
         if nxt is None:
             search.end_rollout()

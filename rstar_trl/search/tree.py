@@ -1,4 +1,4 @@
-"""The MCTS search tree over code-augmented steps (SPEC §3).
+"""The MCTS search tree over code-augmented steps (paper §3.2; docs/method.md).
 
 One `SearchTree` per problem. A node is one step; the root is the problem. Each node keeps its visit count N and
 value sum q, and Q = q / N. The search itself (which leaves to expand, batching across trees) lives in
@@ -142,16 +142,19 @@ class SearchTree:
             node = node.parent
 
     def finish(self, node: Node, reason: str, value: float, backpropagate: bool = True) -> None:
-        """Make `node` terminal with its reward. Answers are backed up to the root (Eq. 2); nodes cut for other
-        reasons (too deep, repeated code errors) take the value on that node only (SPEC §3)."""
+        """Make `node` terminal, valued by its reward alone (N = 1, q = value; a PPM initialisation is replaced).
+
+        Answers are backed up to the root (Eq. 2); dead ends (too deep, expansions that keep failing) take the
+        value on that node only unless `backpropagate` is set. A terminal node has no children and no rollout has
+        passed below it, so the only count it can hold before this is its own Eq. 3 initialisation."""
         node.terminal = True
         node.terminal_reason = reason
         node.reward = value
+        node.visits, node.value_sum = 0, 0.0
         if backpropagate:
             self.backpropagate(node, value)
         else:
-            node.visits += 1
-            node.value_sum += value
+            node.visits, node.value_sum = 1, value
 
     # -- results ------------------------------------------------------------------------------------------
 

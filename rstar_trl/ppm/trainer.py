@@ -1,7 +1,9 @@
 """`PPMTrainer`: the process preference model of rStar-Math (SPEC §5) on TRL's `RewardTrainer`.
 
 The PPM is the policy with its LM head replaced by a linear score head (`AutoModelForSequenceClassification`,
-num_labels=1). The score of prefix + step is read at the step's last token and the value used by MCTS is its tanh.
+num_labels=1). The raw score r of prefix + step is read at the step's last token; the value used by MCTS is
+tanh(r / scale), with the `ValueTransform` (`PPMConfig.value_scale`, `PPMConfig.train_through_tanh`) that the
+trainer records in the checkpoint's config and every scorer reads back (`rstar_trl.ppm.scorer`).
 
 Pairs share their prefix (question + earlier steps) and prefixes are long while steps are short, so by default one
 row of a batch holds the prefix once, then the chosen step, then the rejected step; a block attention mask lets each
@@ -36,13 +38,26 @@ from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first
 
 import rstar_trl
-from rstar_trl.ppm.scorer import _capture_token_scores, _encode, _score_head, ppm_text
+from rstar_trl.ppm.scorer import (
+    VALUE_TRANSFORM_KEY,
+    ValueTransform,
+    _capture_token_scores,
+    _encode,
+    _score_head,
+    ppm_text,
+    read_value_transform,
+    value_from_score,
+    write_value_transform,
+)
 
 __all__ = ["DataCollatorForPPM", "PPMConfig", "PPMTrainer"]
 
 logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("ppm", "orm", "pqm")
+# The value transform `PPMConfig` defaults to, chosen by measurement on the tiny default (docs/method.md;
+# `bench/value_transform.py`).
+DEFAULT_VALUE_TRANSFORM = ValueTransform(scale=1.0, train_through_tanh=False)
 # The template lives with the other Hub card templates of the project (`hub/`).
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "ppm_model_card.md"  # = hub/ (a link)
 _KEPT = ("ok", "truncated")
@@ -70,9 +85,20 @@ class PPMConfig(RewardConfig):
 
         loss_type (`str`, *optional*, defaults to `"ppm"`):
             `"ppm"`: step pairs (columns `prompt`, `chosen`, `rejected`, optional `weight`), weighted Bradley-Terry
-            loss on the raw scores (Eq. 4). `"orm"`: the same loss on pairs of whole trajectories (the outcome reward
-            model baseline). `"pqm"`: regression of step Q-values (columns `prompt`, `completion`, `label` in
-            [-1, 1], optional `weight`), squared error between tanh(score) and the label (the PQM baseline).
+            loss (Eq. 4) on the raw scores, or on the values with `train_through_tanh`. `"orm"`: the same loss on
+            pairs of whole trajectories (the outcome reward model baseline). `"pqm"`: regression of step Q-values
+            (columns `prompt`, `completion`, `label` in [-1, 1], optional `weight`), squared error between the value
+            tanh(score / value_scale) and the label (the PQM baseline).
+        value_scale (`float`, *optional*, defaults to `VALUE_SCALE`):
+            The PPM's value of a raw score r is tanh(r / value_scale), in [-1, 1]: what MCTS initialises Q with
+            (Eq. 3) and what the `"pqm"` loss regresses. 1 is the paper's linear + tanh head (arXiv 2501.04519
+            §3.3); the authors' public code uses 5 with raw-score training, which keeps large raw scores from
+            saturating at +-1. Stored in the checkpoint's config (`rstar_value_transform`) with
+            `train_through_tanh`; every scorer reads it from there.
+        train_through_tanh (`bool`, *optional*, defaults to `TRAIN_THROUGH_TANH`):
+            Whether the Bradley-Terry loss of `"ppm"` / `"orm"` compares the values tanh(r / value_scale) (the tanh
+            head trained end to end) instead of the raw scores r. Training only: the value is tanh(r /
+            value_scale) either way. `"pqm"` always regresses the value.
         self_evolution_round (`int`, *optional*):
             The self-evolution round the PPM belongs to (SPEC §6); shown on the model card.
 
@@ -108,6 +134,24 @@ class PPMConfig(RewardConfig):
             "(prompt/completion/label/weight), squared error between tanh(score) and the label."
         },
     )
+    value_scale: float = field(
+        default=DEFAULT_VALUE_TRANSFORM.scale,
+        metadata={
+            "help": "The value of a raw PPM score r is tanh(r / value_scale), in [-1, 1]: what MCTS initialises Q "
+            "with (Eq. 3) and what the pqm loss regresses. 1: the paper's linear + tanh head (arXiv 2501.04519 "
+            "§3.3); 5: the authors' public code (raw-score training, tanh(r / 5) at inference), which keeps large "
+            "raw scores from saturating at +-1. Saved in the checkpoint's config (rstar_value_transform) together "
+            "with train_through_tanh; every scorer reads it from there."
+        },
+    )
+    train_through_tanh: bool = field(
+        default=DEFAULT_VALUE_TRANSFORM.train_through_tanh,
+        metadata={
+            "help": "Whether the Bradley-Terry loss (ppm, orm) compares the values tanh(r / value_scale) (a tanh head "
+            "trained end to end) instead of the raw scores r. Training only: the value is tanh(r / value_scale) "
+            "either way; the pqm loss always regresses the value."
+        },
+    )
     share_prefix: bool = field(
         default=True,
         metadata={
@@ -126,6 +170,12 @@ class PPMConfig(RewardConfig):
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 or None, got {self.max_length}")
+        self.value_transform  # noqa: B018 - raises on a bad value_scale
+
+    @property
+    def value_transform(self) -> ValueTransform:
+        """The `ValueTransform` of `value_scale` and `train_through_tanh` (what the checkpoint records)."""
+        return ValueTransform(scale=self.value_scale, train_through_tanh=self.train_through_tanh)
 
 
 @dataclass
@@ -298,8 +348,11 @@ class PPMTrainer(RewardTrainer):
 
     The model is an `AutoModelForSequenceClassification` with num_labels=1 (a causal LM checkpoint gets a new score
     head, as in `RewardTrainer`). Its raw score `r` of a text is the score head at the text's last token, the
-    text being `ppm_text(prompt, step)` tokenised whole; the value of a partial solution is `tanh(r)` in [-1, 1]
-    (what `TransformersPPMScorer` returns). A full fine-tune saves a standard checkpoint that
+    text being `ppm_text(prompt, step)` tokenised whole; the value of a partial solution is `tanh(r / s)` in
+    [-1, 1] with `s = args.value_scale` (what `TransformersPPMScorer` returns). The trainer records the value
+    transform (`args.value_transform`) in the model's config, so every checkpoint it saves carries it in
+    config.json (`rstar_value_transform`) and the scorers value it as it was trained. A full fine-tune saves a
+    standard checkpoint that
     `AutoModelForSequenceClassification.from_pretrained` (and vLLM's pooling runner, which also reads the last
     token) load with no extra file. With `peft_config`, checkpoints hold the PEFT adapter: the LoRA weights plus a
     full copy of the score head (`"score"` is added to `modules_to_save`); `trainer.model.merge_and_unload()` then
@@ -307,9 +360,11 @@ class PPMTrainer(RewardTrainer):
 
     Losses, with per-example weights `w` (column `weight`, default 1; SPEC Eq. 4 uses 1 / (n_pos * n_neg)):
 
-    - `"ppm"` / `"orm"`: `sum(w * -log sigmoid(r(chosen) - r(rejected))) / sum(w)` on raw scores, as the public
-      code and `RewardTrainer` do (`center_rewards_coefficient` adds `c * (r_chosen + r_rejected)^2` per pair).
-    - `"pqm"`: `sum(w * (tanh(r) - label)^2) / sum(w)`.
+    - `"ppm"` / `"orm"`: `sum(w * -log sigmoid(x(chosen) - x(rejected))) / sum(w)` (Eq. 4), where `x` is the raw
+      score `r`, as the public code and `RewardTrainer` do, or with `args.train_through_tanh` the value
+      `tanh(r / s)` (the tanh head trained end to end); `center_rewards_coefficient` adds
+      `c * (x_chosen + x_rejected)^2` per pair.
+    - `"pqm"`: `sum(w * (tanh(r / s) - label)^2) / sum(w)`.
 
     `sum(w)` runs over the whole optimizer step: all micro-batches of gradient accumulation on all processes, so
     the gradient does not depend on how a batch is split (evaluation normalises each batch by its own weights).
@@ -321,7 +376,7 @@ class PPMTrainer(RewardTrainer):
     `trainer.dataset_stats[name]` (not for `IterableDataset`s). A tokenizer without pad token gets its eos token.
 
     Logged metrics (train and eval, unweighted means over examples): `accuracy` (pair accuracy), `margin`,
-    `chosen_score`, `rejected_score` (raw scores); for `"pqm"`: `mse` (of tanh(score) against the label) and
+    `chosen_score`, `rejected_score` (raw scores); for `"pqm"`: `mse` (of the value against the label) and
     `value`.
 
     Args: as [`trl.RewardTrainer`], with `args` a [`PPMConfig`].
@@ -400,6 +455,18 @@ class PPMTrainer(RewardTrainer):
                 self.data_collator.share_prefix = False
         # Eager attention adds the mask to the logits; SDPA takes a boolean one.
         self._additive_mask = attn_implementation == "eager"
+        self._record_value_transform()
+
+    def _record_value_transform(self) -> None:
+        """Write `args.value_transform` into the model's config, so that every saved checkpoint carries it."""
+        config = self.accelerator.unwrap_model(self.model).config  # a PEFT model: its base model's config
+        previous = read_value_transform(config)
+        if hasattr(config, VALUE_TRANSFORM_KEY) and previous != self.args.value_transform:
+            logger.warning(
+                "the model's config records the value transform %s; this training uses %s, which replaces it",
+                previous.to_dict(), self.args.value_transform.to_dict(),
+            )  # fmt: skip
+        write_value_transform(config, self.args.value_transform)
 
     # -- data ------------------------------------------------------------------------------------------------
 
@@ -494,12 +561,15 @@ class PPMTrainer(RewardTrainer):
         mode = "train" if self.model.training else "eval"
         scores = self._scores(model, inputs)  # (batch, 2) for pairs, (batch, 1) for pqm
         weight = inputs["weight"]
+        transform = self.args.value_transform
         if self.args.loss_type == "pqm":
-            per_example = (torch.tanh(scores[:, 0]) - inputs["label"]) ** 2
+            per_example = (value_from_score(scores[:, 0], transform) - inputs["label"]) ** 2
         else:
-            per_example = -F.logsigmoid(scores[:, 0] - scores[:, 1])  # Eq. 4
+            # Eq. 4 on the raw scores, or on the values (a tanh head trained end to end).
+            compared = value_from_score(scores, transform) if transform.train_through_tanh else scores
+            per_example = -F.logsigmoid(compared[:, 0] - compared[:, 1])
             if self.args.center_rewards_coefficient is not None:
-                per_example = per_example + self.args.center_rewards_coefficient * scores.sum(-1) ** 2
+                per_example = per_example + self.args.center_rewards_coefficient * compared.sum(-1) ** 2
         if num_items_in_batch is None:  # evaluation, or a direct call: this batch alone
             normaliser = weight.sum()
         else:  # training: `DistributedDataParallel` averages the processes' gradients, hence the factor
@@ -512,7 +582,7 @@ class PPMTrainer(RewardTrainer):
         metrics = self._metrics[mode]
         scores = self.accelerator.gather_for_metrics(scores)
         if self.args.loss_type == "pqm":
-            values = torch.tanh(scores[:, 0])
+            values = value_from_score(scores[:, 0], self.args.value_transform)
             labels = self.accelerator.gather_for_metrics(inputs["label"])
             metrics["mse"].extend(((values - labels) ** 2).tolist())
             metrics["value"].extend(values.tolist())
@@ -526,6 +596,7 @@ class PPMTrainer(RewardTrainer):
     # -- model card --------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        self._record_value_transform()  # again: `args` may have changed since `__init__`
         super().save_model(output_dir, _internal_call)
         if not _internal_call and self.is_world_process_zero():  # checkpoints and pushes write theirs already
             output_dir = output_dir or self.args.output_dir

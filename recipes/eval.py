@@ -1,16 +1,22 @@
-"""Evaluate a policy (and a PPM) by greedy decoding, majority voting, best-of-N, PPM-guided MCTS and step-level beam
-search, each at its budget; compare them at matched compute (generated tokens per problem).
+"""Evaluate a policy (and a PPM) by greedy decoding, majority voting, best-of-N, PPM-weighted voting, PPM-guided MCTS
+(one search, or T independent searches with an answer-selection rule) and step-level beam search, each at its budget;
+compare them at matched compute (generated tokens per problem). The methods run through the inference API
+(`rstar_trl.solve.Solver`, which never sees the gold answers); this recipe grades and reports.
 
     python recipes/eval.py --model_name_or_path runs/tiny/round_1/policy --methods greedy maj@4 maj@16 --limit 50
     python recipes/eval.py --config recipes/tiny/eval.yaml                    # all methods on the tiny test split
     python recipes/eval.py --config recipes/tiny/eval.yaml --model_name_or_path runs/tiny/round_2/policy \\
         --ppm_path runs/tiny/round_2/ppm --output_dir runs/eval/round_2
+    python recipes/eval.py --config recipes/rstar-math/qwen2.5-math-7b/eval.yaml   # the paper's test-time setting
     python recipes/eval.py --model_name_or_path path/to/policy --dataset ../shared/data/math500/test.jsonl \\
         --backend vllm --gpu_memory_utilization 0.9 --methods greedy maj@64
 
-Methods: greedy, maj@K (vote of K samples), best_of_n@N (the PPM's best of N samples), mcts@RxC (PPM-guided MCTS,
-R rollouts x C candidates), beam@BxK (beam width B, K candidates per beam and step). Writes results.json (summary and
-per-problem answers), results.md (the table) and accuracy_vs_tokens.png to --output_dir.
+Methods (see --methods and rstar_trl/solve.py): greedy; maj@K (vote of K samples); best_of_n@N[:last|min|mean|prod]
+(the PPM's best of N samples, step values aggregated); weighted_maj@N (vote weighted by (v + 1) / 2 of the PPM's
+value); mcts@RxC (ONE PPM-guided search, R rollouts x C candidates); mcts@TxRxC[:best|vote|topK] (T independent
+searches, answer by best PPM score, PPM-weighted vote, or majority vote among the K best-scored searches); beam@BxK
+(beam width B, K candidates per beam and step). Writes results.json (summary and per-problem answers, scores and
+candidates), results.md (the table, with 95% Wilson intervals) and accuracy_vs_tokens.png to --output_dir.
 """
 
 import logging

@@ -50,6 +50,7 @@ from .search import (
     tree_to_html,
     tree_to_outline,
 )
+from .solve import Candidate, Solution, Solver, SolverConfig, solutions_to_dataset
 
 __all__ = [
     "ANSWER_END",
@@ -77,6 +78,10 @@ __all__ = [
     "SearchTree",
     "TransformersBackend",
     "VLLMBackend",
+    "Candidate",
+    "Solution",
+    "Solver",
+    "SolverConfig",
     "PythonExecutor",
     "Step",
     "add_step_tokens",
@@ -97,6 +102,7 @@ __all__ = [
     "render_steps",
     "render_trajectory",
     "sample_solutions",
+    "solutions_to_dataset",
     "split_steps",
     "tree_to_html",
     "tree_to_outline",

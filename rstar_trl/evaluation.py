@@ -341,6 +341,8 @@ def plot_accuracy_vs_tokens(results: dict, path: str) -> str:
         ax.plot(xs, ys, marker=markers[k % len(markers)], linestyle="-" if k < 10 else "--", label=name)
         for m, x, y in zip(runs, xs, ys):
             budget = "x".join(str(b) for b in m["budget"])
+            if m.get("family", "").endswith(":topK"):
+                budget += f":{m['rule']}"
             if budget:  # the legend names the method; points show their budgets
                 ax.annotate(budget, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")

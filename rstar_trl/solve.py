@@ -201,9 +201,9 @@ class MethodSpec:
 
     @property
     def family(self) -> str:
-        """The method without its budget (one line of the accuracy-vs-tokens plot): `best_of_n:min`, `mcts:top4`."""
+        """The method without its budget (one line of the accuracy-vs-tokens plot): `best_of_n:min`, `mcts:topK`."""
         if self.name == "mcts" and len(self.budget) == 3:
-            return f"mcts:{self.selection}"
+            return "mcts:topK" if self.selection.startswith("top") else f"mcts:{self.selection}"
         return f"{self.name}:{self.rule}" if self.rule else self.name
 
     @property

@@ -88,6 +88,7 @@ def test_new_method_strings_parse_and_the_old_ones_keep_their_meaning():
     spec = MethodSpec.parse("mcts@64x8x32")
     assert (spec.label, spec.search_budget, spec.selection) == ("mcts@64x8x32:best", (64, 8, 32), "best")
     assert MethodSpec.parse("mcts@4x2x4:top2").selection == "top2"
+    assert MethodSpec.parse("mcts@4x2x4:top2").family == "mcts:topK"
     assert MethodSpec.parse("weighted_maj@16").num_samples == 16
 
 

@@ -34,9 +34,10 @@ reward at test time) with that value as its score; `best` takes the highest scor
 (weight (v + 1) / 2 per search, summed over equivalent answers), `topK` (e.g. `top4`) a majority vote among the K
 highest-scoring searches (K >= T: among all).
 
-The paper's test-time setting is `mcts@64x?x32`: 64 searches ("64 trajectories") with 32 candidates per step; 8 or
-16 searches lose under a point (§4). A search runs in test-time mode: Eq. 3 initialises new nodes and a terminal
-node's value is the PPM's value of the whole solution, backed up by Eq. 2 (docs/method.md §2, §7).
+The paper's test-time setting is 64 searches ("64 trajectories") with 32 candidates per step, `mcts@64xRx32`; 8 or
+16 searches lose under a point (§4; recipes/rstar-math/qwen2.5-math-7b/eval.yaml). A search runs in test-time mode:
+Eq. 3 initialises new nodes and a terminal node's value is the PPM's value of the whole solution, backed up by Eq. 2
+(docs/method.md §2, §7).
 
 PPM values are in [-1, 1]. Where they become vote weights (`weighted_maj`, `mcts@...:vote`) or factors of a product
 (`best_of_n@N:prod`) they are mapped to [0, 1] by (v + 1) / 2 (`ppm_weight`), so that a negative value counts less
@@ -55,8 +56,9 @@ with budget K draws, so `maj`, `best_of_n` and `weighted_maj` share one set of s
 and each uses (and is charged the tokens of) its first K or N. The T searches of `mcts@TxRxC` are ONE
 `MCTSGenerator` run over the problems each repeated T times (row i*T + t is search t of problem i; the search seeds
 derive from the row, so the T searches differ and none depends on batching); selections with the same TxRxC share
-one set of searches, each charged all their tokens. Results depend on the seed and on a problem's position in the
-input, never on `problems_in_flight` or batch sizes.
+one set of searches, each charged all their tokens; `mcts@RxC` and `mcts@1xRxC` are the same single search (one run).
+Different T do not share searches: search t of problem i is row i*T + t, so its seeds depend on T. Results depend on
+the seed and on a problem's position in the input, never on `problems_in_flight` or batch sizes.
 """
 
 from __future__ import annotations

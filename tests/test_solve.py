@@ -213,6 +213,15 @@ def test_t_searches_pick_the_answer_by_each_selection_rule():
     assert len(scorer.calls) == 1 and len(scorer.calls[0]) == 14
 
 
+def test_one_search_is_the_single_search_case_of_t_searches():
+    backend = CopyAwareReplay(search_script, [Q1])
+    with _solver(backend, StepValueScorer()) as solver:
+        runs = solver.solve_methods([Q1], ["mcts@1x1", "mcts@1x1x1:best"])
+    one, single = (run.solutions[0] for run in runs.values())
+    assert one.answer == single.answer == "1" and one.tokens == single.tokens
+    assert backend.batches == [(1, 1), (1, 1)]  # one run serves both
+
+
 GOOD = "# add the numbers\nx = 2 + 3\n<end_of_step>"
 WRONG = "# multiply instead\nx = 2 * 3\n<end_of_step>"
 FINISH = "# show it\nprint(x)\n<end_of_code>"

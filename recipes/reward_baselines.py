@@ -1,4 +1,4 @@
-"""Train the paper's reward-model baselines next to a round's PPM, on the same trees (SPEC §5, Table 8).
+"""Train the paper's reward-model baselines next to a round's PPM, on the same trees (paper §3.3, Table 8).
 
     python recipes/reward_baselines.py --round_dir runs/tiny/round_2 --loss_type pqm
     python recipes/reward_baselines.py --round_dir runs/tiny/round_2 --loss_type orm

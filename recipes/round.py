@@ -1,4 +1,4 @@
-"""One round of rStar-Math self-evolution (SPEC §6): search, SFT data and preference pairs, policy SFT, PPM.
+"""One round of rStar-Math self-evolution (paper §3.4): search, SFT data and preference pairs, policy SFT, PPM.
 
     accelerate launch recipes/round.py                          # round 1 of the embedded tiny default, no downloads
     accelerate launch recipes/round.py --config recipes/tiny/round2.yaml            # the next round, same run folder

@@ -1,4 +1,4 @@
-"""The code-augmented chain-of-thought step format (SPEC §2).
+"""The code-augmented chain-of-thought step format (paper §3.2).
 
 A solution is one Python program written step by step. A trajectory, as the policy writes it after
 the prompt (which already ends with ``<code>``), looks like::
@@ -208,7 +208,7 @@ def split_steps(completion: str) -> list[Step]:
 
 
 def build_program(steps: list[Step]) -> str:
-    """The cumulative program of steps 1..i (SPEC §2: step i is checked by running steps 1..i together)."""
+    """The cumulative program of steps 1..i (paper §3.2: step i is checked by running steps 1..i together)."""
     return "\n".join(step.source for step in steps if step.source) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""One self-evolution round of rStar-Math (SPEC §6) as resumable stages: search, data, policy SFT, PPM, Hub push.
+"""One self-evolution round of rStar-Math (paper §3.4) as resumable stages: search, data, policy SFT, PPM, Hub push.
 
 Round k, under `output_dir/round_<k>/`:
 
@@ -71,9 +71,9 @@ class RoundArguments:
     > Parameters that choose the models
 
     Args:
-        round: the self-evolution round k (SPEC §6).
+        round: the self-evolution round k (paper §3.4).
         model_name_or_path: the policy that searches (round 1: the bootstrap model; later: round k-1's policy).
-        base_model: the model every round fine-tunes (SPEC §6: from the BASE model each round).
+        base_model: the model every round fine-tunes (paper §3.4: from the BASE model each round).
         ppm_model_name_or_path: the PPM that initialises Q in PPM-guided rounds (Eq. 3).
         ppm_guided: whether the search uses a PPM (default: from round 3 on).
 
@@ -104,7 +104,7 @@ class RoundArguments:
     )  # fmt: skip
     base_model: str | None = field(
         default=None,
-        metadata={"help": "Model every round fine-tunes from (the BASE model, SPEC §6). Default: round 1: "
+        metadata={"help": "Model every round fine-tunes from (the BASE model, paper §3.4). Default: round 1: "
                   "--model_name_or_path or the tiny policy; later rounds: the base model recorded by round k-1."},
     )  # fmt: skip
     ppm_model_name_or_path: str | None = field(
@@ -113,7 +113,8 @@ class RoundArguments:
                   "output_dir/round_<k-1>/ppm."},
     )  # fmt: skip
     ppm_guided: bool | None = field(
-        default=None, metadata={"help": "Search with a PPM (PPM-initialised Q). Default: from round 3 on (SPEC §6)."}
+        default=None,
+        metadata={"help": "Search with a PPM (PPM-initialised Q, Eq. 3). Default: from round 3 on (paper §3.4)."},
     )
     dataset: str | None = field(
         default=None,
@@ -134,12 +135,12 @@ class RoundArguments:
     tiny_bootstrap_steps: int = field(
         default=600, metadata={"help": "Bootstrap training steps of the tiny policy (only when it is built)."}
     )
-    sft_top_k: int = field(default=2, metadata={"help": "Correct solutions kept per solved problem (SPEC §4: 2)."})
+    sft_top_k: int = field(default=2, metadata={"help": "Correct solutions kept per solved problem (paper §3.4: 2)."})
     pairs_min_q_gap: float | None = field(
-        default=0.5, metadata={"help": "Smallest Q gap of a kept step pair (SPEC §4: 0.5)."}
+        default=0.5, metadata={"help": "Smallest Q gap of a kept step pair (official code: 0.5; docs/method.md)."}
     )
     pairs_per_side: int = field(
-        default=2, metadata={"help": "Positives and negatives per prefix (SPEC §4: 2, so 2x2 pairs)."}
+        default=2, metadata={"help": "Positives and negatives per prefix (paper §3.3: 2, so 2x2 pairs)."}
     )
     sft_learning_rate: float = field(default=7e-6, metadata={"help": "Policy SFT learning rate (paper: 7e-6)."})
     sft_num_train_epochs: float = field(default=2.0, metadata={"help": "Policy SFT epochs (paper: 2)."})
@@ -502,7 +503,7 @@ def _train(trainer, folder: str, state: PartialState) -> dict:
 
 
 def _train_policy(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str):
-    """Fine-tune the BASE model (not the previous policy, SPEC §6) on this round's SFT data."""
+    """Fine-tune the BASE model (not the previous policy, paper §3.4) on this round's SFT data."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
@@ -519,7 +520,7 @@ def _train_policy(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, sta
 
 
 def _train_ppm(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str):
-    """A PPM initialised from this round's policy (SPEC §5): its backbone with a one-output score head."""
+    """A PPM initialised from this round's policy (paper §3.3): its backbone with a one-output score head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     policy = plan.path("policy")

@@ -1,4 +1,4 @@
-"""Training data from search trees (SPEC §4) on hand-built trees whose expected rows are known exactly."""
+"""Training data from search trees (paper §3.3-3.4) on hand-built trees whose expected rows are known exactly."""
 
 import json
 

@@ -1,4 +1,5 @@
-"""Training data from search trees (SPEC §4): policy SFT data, PPM preference pairs, and the baselines' data.
+"""Training data from search trees (paper §3.3-3.4; docs/method.md): policy SFT data, PPM preference pairs, and the
+baselines' data.
 
 Every builder reads the trees `MCTSGenerator.generate()` returns (a `datasets.Dataset` with a `tree` column of
 JSON, schema `TREE_SCHEMA_VERSION`) and returns a `datasets.Dataset` in a format TRL trains on directly:
@@ -14,7 +15,7 @@ Prompts are built the way the generator prompts the policy: `format_prompt(quest
 steps of the prefix, so `prompt + completion` (or `prompt + chosen`) is exactly the text the policy wrote after.
 Only *graded* answers count as outcomes: an answer node with `correct` True or False. Nodes cut for other reasons
 (too many code errors, too deep, context full) and test-time answers (`correct` None) are neither correct nor
-wrong (SPEC §4: "leaves that end in code errors never count as wrong").
+wrong (as in the official code; docs/method.md, "Preference pairs").
 
 Rows come out in a deterministic order: problems in input order, then node ids (creation order) and ranks. With
 ``return_stats=True`` a builder returns ``(dataset, stats)``, where `stats` counts what was read, kept and dropped.
@@ -137,7 +138,8 @@ def _parse_tree(index: int, record: str | dict | SearchTree | None) -> SearchTre
 def _graded_outcomes(tree: SearchTree) -> dict[Node, tuple[bool, bool]]:
     """For every node: (some graded answer at or below it is correct, some is wrong).
 
-    Only answer nodes with `correct` True / False count; error, depth and context terminals never do (SPEC §4).
+    Only answer nodes with `correct` True / False count; error, depth and context terminals never do
+    (docs/method.md, "Preference pairs").
     """
     correct = {node: node.terminal_reason == "answer" and node.correct is True for node in tree.nodes}
     wrong = {node: node.terminal_reason == "answer" and node.correct is False for node in tree.nodes}
@@ -171,7 +173,7 @@ def _answers(tree: SearchTree, correct: bool) -> list[Node]:
 
 
 def _take_sides(positives: list[Node], negatives: list[Node], per_side: int | None) -> tuple[list[Node], list[Node]]:
-    """SPEC §4: `per_side` on each side (2x2 pairs); when one side has a single candidate, the other side takes
+    """Paper §3.3: `per_side` on each side (2x2 pairs); when one side has a single candidate, the other side takes
     up to per_side**2 (1x4). None takes every candidate."""
     if per_side is None:
         return positives, negatives
@@ -247,7 +249,7 @@ class _PairCollector:
 def build_sft_dataset(
     trees: Trees, top_k: int = 2, prompt_template: str = "policy", return_stats: bool = False
 ) -> Dataset | tuple[Dataset, dict[str, int]]:
-    """Policy fine-tuning data (SPEC §4): the top-k correct solutions of every solved problem.
+    """Policy fine-tuning data (paper §3.4): the top-k correct solutions of every solved problem.
 
     A problem's correct trajectories (root-to-answer paths whose answer node has `correct` True) are ranked by
     the mean step Q along the path, highest first; ties go to the higher minimum step Q, then to the lower node
@@ -259,8 +261,8 @@ def build_sft_dataset(
     Args:
         trees: the generator's output (a `datasets.Dataset` with a `tree` column), or a list of trees (JSON
             strings, dicts or `SearchTree` objects).
-        top_k: solutions kept per problem (SPEC §4: 2).
-        prompt_template: "policy" (the plain prompt of fine-tuned policies, SPEC §2), "few_shot" or a template
+        top_k: solutions kept per problem (paper §3.4: 2).
+        prompt_template: "policy" (the plain prompt of fine-tuned policies, paper §3.2), "few_shot" or a template
             with a `{question}` field. Keep "policy" for trees searched with the round-1 few-shot prompt too: the
             fine-tuned policy is prompted with the plain prompt in the next round.
         return_stats: also return counts: `problems`, `problems_solved`, `correct_trajectories`, `rows`.
@@ -303,7 +305,7 @@ def build_preference_pairs(
     prompt_template: str = "policy",
     return_stats: bool = False,
 ) -> Dataset | tuple[Dataset, dict[str, int]]:
-    """Step-level preference pairs for the process preference model (SPEC §4, loss Eq. 4 in SPEC §5).
+    """Step-level preference pairs for the process preference model (paper §3.3, loss Eq. 4).
 
     Step pairs (`kind` "step"): at every node with both a correct and a wrong graded answer below it, its
     children that lead to a correct answer are positives (highest Q first) and its children that lead to a wrong
@@ -331,9 +333,9 @@ def build_preference_pairs(
     Args:
         trees: the generator's output (a `datasets.Dataset` with a `tree` column), or a list of trees (JSON
             strings, dicts or `SearchTree` objects).
-        min_q_gap: smallest ``chosen_q - rejected_q`` of a kept step pair (SPEC §4: 0.5); None keeps every step
-            pair whatever its gap.
-        per_side: positives and negatives taken at each prefix (SPEC §4: 2, so at most per_side**2 pairs each).
+        min_q_gap: smallest ``chosen_q - rejected_q`` of a kept step pair (official code: 0.5; docs/method.md); None
+            keeps every step pair whatever its gap.
+        per_side: positives and negatives taken at each prefix (paper §3.3: 2, so at most per_side**2 pairs each).
         final_step_pairs: also pair whole correct and wrong trajectories of each problem.
         prompt_template: "policy", "few_shot" or a template with a `{question}` field. The PPM must score with
             the same template it was trained on.
@@ -403,7 +405,7 @@ def build_preference_pairs(
 def build_step_values(
     trees: Trees, min_visits: int = 1, prompt_template: str = "policy", return_stats: bool = False
 ) -> Dataset | tuple[Dataset, dict[str, int]]:
-    """Step Q-values for the PQM baseline (SPEC §5: regress Q with MSE, on the same data as the PPM).
+    """Step Q-values for the PQM baseline (paper §3.3: regress Q with MSE, on the same data as the PPM).
 
     One row per non-root node that lies on a path to a graded answer (a correct or wrong answer at or below it),
     labelled with its Q in [-1, 1]. These are the nodes whose Q carries answer outcomes backed up by Eq. 2, the
@@ -450,12 +452,12 @@ def build_step_values(
 def build_outcome_pairs(
     trees: Trees, per_side: int | None = 2, prompt_template: str = "policy", return_stats: bool = False
 ) -> Dataset | tuple[Dataset, dict[str, int]]:
-    """Whole-solution pairs for the ORM baseline (SPEC §5: outcome only, used for best-of-N).
+    """Whole-solution pairs for the ORM baseline (paper §3.3: outcome only, used for best-of-N).
 
     For each problem with both correct and wrong graded answers, correct trajectories (chosen) are paired with
     wrong ones (rejected) under the question prompt. The ORM learns from outcomes alone, so the trajectories are
     chosen without looking at Q: in the order the search found them (node id), `per_side` of each with the
-    2x2 / 1x4 rule of SPEC §4. Every pair of a problem weighs 1 / (n_pos * n_neg). Pairs with an empty side,
+    2x2 / 1x4 rule of paper §3.3. Every pair of a problem weighs 1 / (n_pos * n_neg). Pairs with an empty side,
     identical sides or repeating a kept pair are dropped and counted.
 
     Args:

@@ -53,7 +53,7 @@ class Completion:
     """One sampled continuation.
 
     Args:
-        text: the generated text, cut right after the first stop string (kept, as SPEC §2 wants).
+        text: the generated text, cut right after the first stop string (kept, as paper §3.2 wants).
         num_tokens: tokens generated for it (up to the stop).
         finish_reason: "stop" (a stop string ended it), "length" (token budget), "eos" (end-of-sequence token),
             or "prompt_too_long" (the prefix left no room in the context: nothing was generated).

@@ -81,7 +81,7 @@ class MCTSConfig:
     > Parameters that control the search
 
     Args:
-        num_rollouts: rollouts per problem (SPEC: 8 in round 1, 16 in rounds 2-4).
+        num_rollouts: rollouts per problem (paper §3.4: 8 in round 1, 16 in rounds 2-4).
         num_candidates: candidate next steps sampled per expansion (5 in round 1, 8 in rounds 2-3, 16 in round 4).
         c_puct: exploration constant c of UCT(s) = Q(s) + c * sqrt(ln N_parent / N(s)).
         max_depth: steps after which a node is terminal with reward -1.

@@ -2,11 +2,11 @@
 
 The result is a normal Hugging Face checkpoint (Auto classes load it) that writes the code-augmented step format
 on the tiny word problems: nearly always right on the bootstrap's short problems, rarely on the longer ones, so
-search and self-evolution have something to improve (see /work/shared/TINY_DEFAULT.md).
+search and self-evolution have something to improve.
 
 Calibration of the defaults (seed 0, measured on a validation draw, then once on the `test` split; 2 CPU cores):
 the build takes 3-3.5 minutes on a nearly idle machine. Greedy decoding with the executor writing the output
-block (SPEC §2) solves 26% of `test`: levels 1-2 all, levels 3-5 under 5%; sampling at T=1 still finds
+block (paper §3.2) solves 26% of `test`: levels 1-2 all, levels 3-5 under 5%; sampling at T=1 still finds
 solutions beyond greedy on levels 3-5 (pass@16 about 10-20% on levels 3-4). 400 steps were enough for seed 0
 but not for seed 1 (which then wrote correct programs for only half of the level 1-2 problems); 600 were for both.
 Without the executor, the policy has to do the arithmetic of its output block itself and manages only 7%

@@ -8,7 +8,8 @@ Each problem is a short story, one quantity-changing sentence after another, end
 and comes with a template solution in the code-augmented step format: one `Step` per sentence, whose comment
 restates the sentence and whose code is one line updating a variable; the last step also prints the answer.
 
-Difficulty levels (see /work/shared/TINY_DEFAULT.md for why they go beyond the bootstrap data):
+Difficulty levels (they go beyond the bootstrap data: a task that only repeats the bootstrap's templates leaves
+search nothing to do):
 
 | level | steps | what is new |
 |---|---|---|

@@ -17,7 +17,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from rstar_trl.format import STEP_END, format_prompt
-from rstar_trl.ppm.scorer import TransformersPPMScorer, ppm_text
+from rstar_trl.ppm.scorer import TransformersPPMScorer, ppm_text, value_from_score
 from rstar_trl.ppm.trainer import PPMConfig, PPMTrainer
 from rstar_trl.tiny.policy import train_tokenizer
 
@@ -147,7 +147,7 @@ def test_pair_loss_is_the_weighted_bradley_terry_loss_of_the_plain_scores(
     assert loss.item() == pytest.approx(by_hand, rel=1e-5)
 
 
-def test_pqm_loss_is_the_weighted_squared_error_of_tanh_scores(tokenizer, tmp_path):
+def test_pqm_loss_is_the_weighted_squared_error_of_the_values(tokenizer, tmp_path):
     rows = [
         {"prompt": format_prompt(_question(3)), "completion": _step(3), "label": 0.75, "weight": 1.0},
         {"prompt": format_prompt(_question(4)), "completion": _step(8), "label": -1.0, "weight": 3.0},
@@ -159,7 +159,8 @@ def test_pqm_loss_is_the_weighted_squared_error_of_tanh_scores(tokenizer, tmp_pa
     )  # fmt: skip
     loss = trainer.compute_loss(trainer.model, _batch(trainer))
     scores = _auto_scores(model, tokenizer, [row["prompt"] + row["completion"] for row in rows])
-    by_hand = (1.0 * (math.tanh(scores[0]) - 0.75) ** 2 + 3.0 * (math.tanh(scores[1]) + 1.0) ** 2) / 4.0
+    values = [value_from_score(s, trainer.args.value_transform) for s in scores]  # tanh(r / value_scale)
+    by_hand = (1.0 * (values[0] - 0.75) ** 2 + 3.0 * (values[1] + 1.0) ** 2) / 4.0
     assert loss.item() == pytest.approx(by_hand, rel=1e-5)
 
 
@@ -225,7 +226,8 @@ def test_saved_checkpoint_reloads_with_the_auto_class_and_scores_like_the_traine
     questions = [_question(int(p.split("Sam has ")[1].split()[0])) for p in pairs["prompt"]]
     assert [format_prompt(q) for q in questions] == pairs["prompt"]
     values = TransformersPPMScorer(out, batch_size=5).score(questions, list(pairs["chosen"]))
-    assert values == pytest.approx(torch.tanh(torch.tensor(trainer_scores[:, 0])).tolist(), abs=1e-5)
+    by_hand = value_from_score(torch.tensor(trainer_scores[:, 0]), trainer.args.value_transform)  # the default's
+    assert values == pytest.approx(by_hand.tolist(), abs=1e-5)
 
     card = open(f"{out}/README.md").read()
     assert "2501.04519" in card and "self-evolution round | 2" in card and "16 kept of 16" in card

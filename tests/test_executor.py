@@ -262,6 +262,32 @@ def test_context_manager_closes_the_pool_and_its_directories():
         ex.run("print(7)")
 
 
+def test_default_workers_share_the_cpus_among_the_processes_of_a_launch(monkeypatch):
+    from rstar_trl.executor import sandbox
+
+    for name in ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sandbox.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(sandbox.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert sandbox.default_workers() == 64  # a single process: every CPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # accelerate launch / torchrun, 8 processes on this node
+    assert sandbox.default_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "128")  # more processes than CPUs: still one worker each
+    assert sandbox.default_workers() == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")  # an MPI launch
+    assert sandbox.default_workers() == 16
+    monkeypatch.setattr(sandbox.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # pinned to 2 CPUs
+    assert sandbox.default_workers() == 2
+
+
+def test_executor_default_worker_count_follows_local_world_size(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * (os.cpu_count() or 1)))
+    with PythonExecutor(timeout=2, **LIGHT) as ex:
+        assert ex.max_workers == 1 and len(ex._workers) == 1
+        assert ex.run("print(6 * 7)").output == "42\n"
+
+
 def test_close_is_idempotent_and_run_after_close_raises():
     ex = PythonExecutor(timeout=2, max_workers=1, **LIGHT)
     ex.close()

@@ -36,6 +36,34 @@ DEFAULT_PRELOAD = ("math", "cmath", "fractions", "decimal", "itertools", "functo
 _ENV_PASSTHROUGH = ("LANG", "LC_ALL", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
+# How many processes of a launch run on this node: torchrun / `accelerate launch` (LOCAL_WORLD_SIZE), then MPI
+# launchers (Intel MPI, Open MPI, MVAPICH), the same variables accelerate reads.
+_LOCAL_PROCESSES_VARIABLES = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                              "MV2_COMM_WORLD_LOCAL_SIZE")  # fmt: skip
+
+
+def local_processes() -> int:
+    """The processes of this launch on this node (1 outside a multi-process launch)."""
+    for name in _LOCAL_PROCESSES_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def default_workers() -> int:
+    """Default sandbox workers of one process: its share of the node's CPUs, at least 1.
+
+    Under `accelerate launch` / torchrun with N processes per node, each process creates its own executor, so each
+    gets cpu_count // N workers instead of cpu_count (which would oversubscribe the node N times). A process pinned
+    to fewer CPUs (taskset, cgroup cpusets) gets at most those."""
+    cpus = os.cpu_count() or 1
+    share = cpus // local_processes()
+    if hasattr(os, "sched_getaffinity"):
+        share = min(share, len(os.sched_getaffinity(0)))
+    return max(1, share)
+
+
 @dataclass(frozen=True)
 class ExecutionResult:
     """What running one program gave.
@@ -191,7 +219,8 @@ class PythonExecutor:
     Args:
         timeout: wall-clock seconds per program; on expiry the worker is killed and replaced.
         memory_mb: address space a worker may add on top of its start-up footprint (0: no limit).
-        max_workers: worker processes running programs in parallel (default: the number of CPUs).
+        max_workers: worker processes running programs in parallel (default: `default_workers()`, the CPUs this
+            process may use divided by the processes of the launch on this node, at least 1).
         output_limit: characters of output kept per program; longer output is cut and marked.
         preload: modules imported once per worker before the sandbox is locked.
         cache_size: how many results to remember by program text (0 disables the cache).
@@ -223,7 +252,7 @@ class PythonExecutor:
             raise ValueError(f"memory_mb must be >= 0, got {memory_mb}")
         self.timeout = timeout
         self.memory_mb = memory_mb
-        self.max_workers = (os.cpu_count() or 1) if max_workers is None else max_workers
+        self.max_workers = default_workers() if max_workers is None else max_workers
         if self.max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self.output_limit = output_limit

@@ -238,7 +238,7 @@ class Evaluator(Closeable):
 
     def _summary(self, result: MethodResult) -> dict:
         spec = result.spec
-        records = [self._record(solution) for solution in result.solutions]
+        records = [self._record(solution, spec) for solution in result.solutions]
         n = len(records)
         correct = sum(r["correct"] for r in records)
         tokens = sum(r["tokens"] for r in records)
@@ -260,7 +260,7 @@ class Evaluator(Closeable):
             "problems": records,
         }
 
-    def _record(self, solution: Solution) -> dict:
+    def _record(self, solution: Solution, spec: MethodSpec) -> dict:
         """One problem's graded record: the answer, whether it is right, the tokens, the chosen solution, and the
         method's details (score, votes, the candidates' answers and scores, ...)."""
         gold = self.golds[solution.index]
@@ -268,13 +268,12 @@ class Evaluator(Closeable):
         correct = answer is not None and gold is not None and grade_answer(answer, gold)
         record = {"index": solution.index, "gold": gold, "answer": answer, "correct": bool(correct),
                   "tokens": int(solution.tokens), "solution": solution.trajectory}  # fmt: skip
-        name = solution.method.split("@")[0].split(":")[0]
-        if name in ("best_of_n", "weighted_maj", "mcts", "beam"):
+        if spec.needs_ppm:
             record["score"] = solution.score
-        if solution.votes is not None or name in ("maj", "weighted_maj"):
+        if solution.votes is not None or spec.name in ("maj", "weighted_maj"):
             record["votes"] = solution.votes
         record.update(solution.info)
-        if name != "greedy":
+        if spec.name != "greedy":
             record["candidates"] = [[c.answer, c.score] for c in solution.candidates]
         return record
 

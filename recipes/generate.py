@@ -2,7 +2,8 @@
 
     python recipes/generate.py                                  # the embedded tiny default, no downloads
     python recipes/generate.py --config recipes/tiny/generate.yaml --num_rollouts 16
-    python recipes/generate.py --model_name_or_path path/to/policy --dataset ../shared/data/math500/test.jsonl
+    python recipes/generate.py --model_name_or_path path/to/policy --dataset openai/gsm8k --dataset_split train
+    python recipes/generate.py --model_name_or_path path/to/policy --dataset path/to/problems.jsonl  # offline
     python recipes/generate.py --backend vllm --gpu_memory_utilization 0.9 ...             # vLLM offline engine
     python recipes/generate.py --backend server --server_url http://gpu-node:8000 ...      # `vllm serve` elsewhere
     accelerate launch --num_processes 8 recipes/generate.py ...                           # one shard per process
@@ -43,11 +44,16 @@ class GenerateArguments:
     dataset: str | None = field(
         default=None,
         metadata={
-            "help": "Problems: a JSONL file (e.g. ../shared/data/gsm8k/test.jsonl) or Hub dataset. "
-            "Default: the tiny synthetic train split."
+            "help": "Problems with gold answers: a benchmark's Hub dataset id (e.g. openai/gsm8k, "
+            "HuggingFaceH4/MATH-500; presets in rstar_trl.data.BENCHMARKS), any Hub dataset, or a local JSON/JSONL "
+            "file (the offline path, e.g. path/to/problems.jsonl). Default: the tiny synthetic train split."
         },  # fmt: skip
     )
-    dataset_split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
+    dataset_split: str = field(
+        default="train",
+        metadata={"help": "Split of a Hub dataset (a benchmark published as one split, such as "
+                  "HuggingFaceH4/MATH-500, is read whatever the split)."},
+    )  # fmt: skip
     limit: int | None = field(default=64, metadata={"help": "Search only the first N problems (None: all)."})
     tiny_bootstrap_steps: int = field(
         default=600, metadata={"help": "Bootstrap training steps of the tiny policy (only without a model)."}

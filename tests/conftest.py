@@ -1,10 +1,31 @@
+"""Shared fixtures.
+
+Benchmark files: tests that read the public benchmark files (MATH, MATH-500, GSM8K, OlympiadBench and College Math as
+JSONL, laid out as docs/install.md describes) find them in the folder named by the environment variable
+RSTAR_TRL_DATA, by default `../shared/data` (a relative path is taken from the repository root). Without that folder
+they are skipped, except in CI (CI=true), where they fail.
+"""
+
 import os
+from pathlib import Path
 
 import pytest
 
 # Nothing in the test suite may reach the Hugging Face Hub: models and tokenizers are built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def benchmark_data() -> Path:
+    """The folder of benchmark files: $RSTAR_TRL_DATA, default ../shared/data (from the repository root)."""
+    path = Path(__file__).resolve().parents[1] / (os.environ.get("RSTAR_TRL_DATA") or "../shared/data")
+    if not path.is_dir():
+        message = f"benchmark files not found: {path} is not a folder (set RSTAR_TRL_DATA, see docs/install.md)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path.resolve()
 
 
 @pytest.fixture(scope="session")

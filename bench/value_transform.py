@@ -90,11 +90,19 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(f"{path}.tmp", path)
 
 
-def split_pairs(pairs: datasets.Dataset, heldout_fraction: float, seed: int) -> tuple[datasets.Dataset, ...]:
-    """Train / held-out pairs, split by problem (`problem_index`): no problem has pairs on both sides."""
+def split_pairs(
+    pairs: datasets.Dataset, heldout_fraction: float, seed: int, fold: int = 0
+) -> tuple[datasets.Dataset, datasets.Dataset, list[int]]:
+    """Train / held-out pairs, split BY PROBLEM (`problem_index`): no problem has pairs on both sides.
+
+    The problems are shuffled with `seed` and cut into round(1 / heldout_fraction) folds; fold `fold` is held out
+    (fold 0 is the split the searched PPMs are trained on; the other folds give cross-validated pair accuracy, every
+    pair held out exactly once)."""
     problems = sorted(set(pairs["problem_index"]))
     random.Random(seed).shuffle(problems)
-    heldout = set(problems[: round(heldout_fraction * len(problems))])
+    folds = max(2, round(1 / heldout_fraction))
+    bounds = [round(k * len(problems) / folds) for k in range(folds + 1)]
+    heldout = set(problems[bounds[fold] : bounds[fold + 1]])
     is_heldout = [p in heldout for p in pairs["problem_index"]]
     train = pairs.select([i for i, h in enumerate(is_heldout) if not h])
     held = pairs.select([i for i, h in enumerate(is_heldout) if h])
@@ -102,11 +110,18 @@ def split_pairs(pairs: datasets.Dataset, heldout_fraction: float, seed: int) -> 
 
 
 def train_ppm(
-    name: str, round_dir: str, out: str, train: datasets.Dataset, held: datasets.Dataset, seed: int | None = None
+    name: str,
+    round_dir: str,
+    out: str,
+    train: datasets.Dataset,
+    held: datasets.Dataset,
+    seed: int | None = None,
+    fold: int = 0,
 ) -> dict:
-    """A PPM as the round's `_train_ppm` trains it (same settings from round.json), with transform `name`; `seed`
-    replaces the round's training seed (for the pair-accuracy spread over seeds)."""
-    folder = os.path.join(out, "models", name if seed is None else f"{name}-seed{seed}")
+    """A PPM as the round's `_train_ppm` trains it (same settings from round.json), with transform `name`, on the
+    train pairs of split `fold`; `seed` replaces the round's training seed (for the spread over seeds)."""
+    suffix = ("" if seed is None else f"-seed{seed}") + ("" if fold == 0 else f"-fold{fold}")
+    folder = os.path.join(out, "models", name + suffix)
     done = _read_json(os.path.join(folder, "DONE.json"))
     if done is not None:
         return done
@@ -233,6 +248,8 @@ def table(rows: list[dict], methods: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         acc = "-" if row.get("heldout_pair_accuracy") is None else f"{100 * row['heldout_pair_accuracy']:.1f}%"
+        if row.get("cv_pair_accuracy") is not None:
+            acc += f"; all folds {100 * row['cv_pair_accuracy']:.1f}% of {row['cv_pairs']}"
         if len(row.get("heldout_pair_accuracy_seeds", [])) > 1:
             seeds = row["heldout_pair_accuracy_seeds"]
             acc += f" (seeds: {', '.join(f'{100 * a:.1f}' for a in seeds)}; mean {100 * sum(seeds) / len(seeds):.1f}%)"
@@ -258,7 +275,11 @@ def main() -> None:
     parser.add_argument("--heldout_fraction", type=float, default=0.2)
     parser.add_argument("--split_seed", type=int, default=0)
     parser.add_argument(
-        "--extra_seeds", type=int, nargs="*", default=[1, 2, 3, 4],
+        "--no_cross_validation", action="store_true",
+        help="Skip the other folds (cross-validated pair accuracy: one more PPM per fold and training).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--extra_seeds", type=int, nargs="*", default=[],
         help="Also train each PPM with these seeds (pair accuracy only; the search uses the round's seed).",
     )  # fmt: skip
     args = parser.parse_args()
@@ -292,6 +313,14 @@ def main() -> None:
                 for seed in args.extra_seeds
             ]
             row["heldout_pair_accuracy_seeds"] = accuracies
+            if not args.no_cross_validation:
+                correct = total = 0
+                for fold in range(max(2, round(1 / args.heldout_fraction))):
+                    fold_train, fold_held, _ = split_pairs(pairs, args.heldout_fraction, args.split_seed, fold)
+                    raw = train_ppm(training, args.round_dir, out, fold_train, fold_held, fold=fold)
+                    correct += sum(c > r for c, r in raw["heldout_raw_scores"])
+                    total += len(raw["heldout_raw_scores"])
+                row.update(cv_pair_accuracy=correct / total, cv_pairs=total)
             row.update(training=training, transform=transform.to_dict(),
                        heldout_pair_accuracy=trained["heldout_pair_accuracy"], heldout_pairs=trained["heldout_pairs"],
                        **value_stats(trained["heldout_raw_scores"], transform))  # fmt: skip

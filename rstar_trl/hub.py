@@ -9,6 +9,7 @@ folder later.
 from __future__ import annotations
 
 import os
+import shlex
 import string
 
 from datasets import Dataset
@@ -44,18 +45,76 @@ def save_dataset_folder(dataset: Dataset, folder: str, card: str) -> str:
 
 def push_folder(folder: str, repo_id: str, repo_type: str = "dataset", private: bool | None = None,
                 token: str | None = None, commit_message: str = "Upload with rstar_trl") -> str:  # fmt: skip
-    """Create `repo_id` if needed and upload `folder` to it; returns the repo URL. Raises `HubPushError`."""
+    """Create `repo_id` if needed and upload `folder` to it; returns the repo URL. Raises `HubPushError`, whose
+    message says in plain words what went wrong (not logged in, no write permission, a conflict, no network, ...)
+    and gives the `hf upload` command that pushes the same folder later. Nothing local is touched either way."""
     from huggingface_hub import HfApi
 
-    command = f"hf upload {repo_id} {folder} . --repo-type {repo_type}"
+    command = " ".join(["hf", "upload", shlex.quote(repo_id), shlex.quote(folder), ".", "--repo-type", repo_type])
+    command += " --private" if private else ""
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type=repo_type, commit_message=commit_message)
-    except Exception as exc:  # network, auth, permissions: all reported the same way, with the manual command
-        message = f"Pushing {folder} to the Hub repo {repo_id} failed: {type(exc).__name__}: {exc}"
-        raise HubPushError(message, command) from exc
+    except Exception as exc:  # network, auth, permissions, conflicts: each explained, always with the manual command
+        what = f"Pushing {folder} to the Hub {repo_type} repo {repo_id} failed: {_explain(exc, repo_id, api.endpoint)}"
+        detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise HubPushError(f"{what}\n(huggingface_hub said: {type(exc).__name__}: {detail})", command) from exc
     return str(url)
+
+
+def _chain(exc: BaseException):
+    """`exc` and the exceptions it was raised from (`__cause__`, else `__context__`), outermost first."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
+    """Plain words for why a push failed, from the HTTP status the Hub answered (`HfHubHTTPError`, also when it is
+    wrapped, e.g. by an LFS upload thread) or from the kind of connection failure."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    namespace = repo_id.split("/")[0] if "/" in repo_id else "your user namespace"
+    for error in _chain(exc):
+        if isinstance(error, OfflineModeIsEnabled):
+            return "HF_HUB_OFFLINE is set, so nothing is sent to the Hub. Unset it (or set HF_HUB_OFFLINE=0) to push."
+        response = getattr(error, "response", None) if isinstance(error, HfHubHTTPError) else None
+        status = getattr(response, "status_code", None)
+        if status is None:
+            continue
+        said = f" The Hub said: {error.server_message.strip()}" if getattr(error, "server_message", None) else ""
+        if status == 401:
+            return ("you are not logged in, or the token is invalid or expired (401 Unauthorized). Log in with "
+                    "`hf auth login`, or set HF_TOKEN to a token with write access "
+                    f"(https://huggingface.co/settings/tokens).{said}")  # fmt: skip
+        if status == 403:
+            return (f"your token has no write permission to {repo_id} (403 Forbidden): the repository or the "
+                    f"namespace {namespace} is not writable with it. Use a token with write access to {namespace} "
+                    "(a fine-grained token needs it granted explicitly), ask an admin of the organization for write "
+                    f"rights, or push to a namespace you own.{said}")  # fmt: skip
+        if status in (409, 412):
+            return (f"the Hub reported a conflict ({status} {'Conflict' if status == 409 else 'Precondition Failed'}):"
+                    f" another commit or operation on {repo_id} happened at the same time, or the repository exists "
+                    "in a state that does not allow this commit. Wait for other pushes to finish, then run the "
+                    f"command below again.{said}")  # fmt: skip
+        if status == 404:
+            return (
+                f"the Hub cannot find {repo_id} (404 Not Found): it does not exist or your token cannot see it. "
+                f"Check the repository id and type and that you are logged in (`hf auth login`).{said}"
+            )
+        if status == 429:
+            return f"the Hub is rate-limiting these requests (429 Too Many Requests); try again later.{said}"
+        if status >= 500:
+            return f"the Hub had a server error ({status}); try again later.{said}"
+        return f"the Hub answered HTTP {status}.{said}"
+    for error in _chain(exc):
+        name = type(error).__name__
+        if isinstance(error, (ConnectionError, TimeoutError)) or "Connect" in name or name.endswith("Timeout"):
+            return f"could not reach the Hub at {endpoint} (no network, or HF_ENDPOINT points to the wrong place)."
+    return f"{type(exc).__name__}: {exc}"
 
 
 def load_dataset_folder(folder: str) -> Dataset:

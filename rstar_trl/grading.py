@@ -1,13 +1,24 @@
 r"""Final-answer extraction and equivalence grading.
 
 `extract_answer` pulls the final answer out of a model's text; `grade_answer` decides whether a predicted final
-answer and a gold final answer are the same mathematical object. Both are total: they never raise, and
-`grade_answer` returns within about `timeout` seconds.
+answer and a gold final answer are the same mathematical object; `grade_solution(text, gold)` does both. All are
+total: they never raise, and each returns within about `timeout` seconds. Timeouts and exceptions (Math-Verify's
+included, which it would otherwise turn into "not equal" silently) are counted in `grading_stats()` and the first of
+each kind is logged as a warning.
 
-Extraction order: the last brace-matched ``\boxed{...}`` / ``\fbox{...}`` (or ``\boxed 5``); else the step-format
-``<answer>...<end_of_answer>`` block (its "the answer is X" phrase if it has one, else its whole text); else GSM8K's
-``#### n``; else the last "final answer: X" / "the answer is X" phrase. A box whose braces never close (truncated
-generation) or that is empty is skipped, and an ``<answer>`` block needs its closing marker.
+Extraction order (the paper grades final answers, arXiv 2501.04519 §3.2; docs/method.md, "Terminal valuation"):
+
+1. The last brace-matched ``\boxed{...}`` / ``\fbox{...}`` (or ``\boxed 5``), together with the boxes right before
+   it that only a comma, "and" or "or" separates from it (``\boxed{2}, \boxed{3}`` is ``2, 3``). A box whose braces
+   never close (truncated generation) or that is empty is skipped.
+2. The step-format ``<answer>...<end_of_answer>`` block (it needs its closing marker): an anchored answer in it
+   ("The answer is 12.") as Math-Verify finds it, else its whole text.
+3. GSM8K's ``#### n``.
+4. Math-Verify's own extraction (`math_verify.parse`'s patterns and priorities: "final answer is X. I hope it is
+   correct", "answer: X", "answer ... X", else the last formula or number of the text), so that answers written
+   without a box are found: "Therefore, Lara read 128 pages on the first day." gives ``128``. The answer is the
+   string of the match whose value Math-Verify returns (see `_math_verify_extract`); a percentage keeps its sign.
+5. The text after the last "final answer: X" / "the answer is X" phrase (answers in words).
 
 Grading policy (each point is covered by tests):
 
@@ -25,7 +36,8 @@ Grading policy (each point is covered by tests):
 * Percentages: the percent sign is ignored (``12.5\%`` = ``12.5``) and a percentage also equals its value
   (``12.5\%`` = ``0.125``); ``12.5`` and ``0.125`` are still different from each other.
 * Units, ``\text{...}`` unit words, ``\$`` and degree signs are ignored: ``5\text{ cm}`` = ``5``,
-  ``30^\circ`` = ``30``. Degrees are not converted to radians (``30^\circ`` != ``\frac{\pi}{6}``).
+  ``\$15`` = ``15 \text{ dollars}`` = ``15``, ``30^\circ`` = ``30``. A TeX group around the whole answer is
+  dropped (``{(2,4)}`` = ``(2,4)``). Degrees are not converted to radians (``30^\circ`` != ``\frac{\pi}{6}``).
 * Lists of solutions (``1, 2``) and sets (``\{1, 2\}``) are unordered and ignore repeats; tuples and points
   (``(3, \frac{\pi}{2})``) are ordered; intervals compare endpoints and open/closed ends (``(1, 2]`` != ``[1, 2]``).
 * Multiple choice: ``(B)``, ``B`` and ``\text{(B)}`` are the same choice. Single letters are compared
@@ -44,7 +56,9 @@ instead, and Math-Verify is called with its timeouts off. In the main thread the
 back). In other threads, where signals cannot be used, a watchdog thread raises the exception inside the grading
 thread (CPython's ``PyThreadState_SetAsyncExc``). That exception is only seen between Python bytecodes, whereas a
 signal also stops C loops that poll for signals (big-integer powers); the 10**6-bit limit above keeps such C work
-short, so the bound holds in threads too. A grade that hits the deadline is False.
+short, so the bound holds in threads too. A grade that hits the deadline is False. Math-Verify's extraction in
+`extract_answer` runs under the same kind of deadline, on the last 6,000 characters of the text (regular expressions
+poll for signals but not for the watchdog's exception); one that hits it finds no answer there.
 """
 
 from __future__ import annotations
@@ -56,20 +70,94 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from decimal import Decimal, InvalidOperation
+from itertools import groupby
 from typing import TypeVar
 
 from latex2sympy2_extended.logic import And as ChainedRelations
 from latex2sympy2_extended.sets import FiniteSet as OrderedFiniteSet
-from math_verify import LatexExtractionConfig, parse, verify
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.grader import is_assignment_relation
-from sympy import And, Basic, Eq, Float, Pow, Rational, Set, Tuple, factorial, simplify
+from math_verify.parser import extract_match, get_extraction_regexes, get_last_eq
+from sympy import And, Basic, Eq, Float, Mul, Pow, Rational, Set, Tuple, UnevaluatedExpr, factorial, simplify
 from sympy.core.relational import Relational
 
-__all__ = ["extract_answer", "grade_answer", "last_boxed"]
+__all__ = ["extract_answer", "grade_answer", "grade_solution", "grading_stats", "last_boxed", "reset_grading_stats"]
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics: calls, timeouts and errors, each kind of error logged once
+# ----------------------------------------------------------------------------------------------------------------
+
+_stats_lock = threading.Lock()
+_stats: Counter[str] = Counter()
+_error_kinds: Counter[str] = Counter()
+_logged_kinds: set[str] = set()
+
+
+def _count(name: str) -> None:
+    with _stats_lock:
+        _stats[name] += 1
+
+
+def _first_of_kind(kind: str) -> bool:
+    with _stats_lock:
+        _error_kinds[kind] += 1
+        if kind in _logged_kinds:
+            return False
+        _logged_kinds.add(kind)
+        return True
+
+
+def _record_timeout(where: str, *inputs: str) -> None:
+    """Count a timeout; the first of each `where` ("extract", "grade") is logged with its inputs."""
+    _count("timeouts")
+    if _first_of_kind(f"{where}:timeout"):
+        logger.warning(
+            "%s ran past its deadline and counts as no answer / not equal (inputs: %s); further timeouts of this "
+            "kind are only counted (grading_stats())",
+            where,
+            ", ".join(f"{item[:200]!r}" for item in inputs),
+        )
+
+
+def _record_error(where: str, error: BaseException, *inputs: str) -> None:
+    """Count an exception; the first of each (`where`, exception type) is logged with its traceback."""
+    _count("errors")
+    kind = f"{where}:{type(error).__name__}"
+    if _first_of_kind(kind):
+        logger.warning(
+            "%s raised %s: %s (inputs: %s); it counts as no answer / not equal, and further errors of this kind "
+            "are only counted (grading_stats())",
+            where,
+            type(error).__name__,
+            str(error)[:200],
+            ", ".join(f"{item[:200]!r}" for item in inputs),
+            exc_info=error,
+        )
+
+
+def grading_stats() -> dict:
+    """Counts since the last reset: ``calls`` (of `grade_answer`), ``extract_calls``, ``timeouts``, ``errors``, and
+    ``by_kind``: timeouts and errors per kind (``"grade:timeout"``, ``"verify:TypeError"``, ...)."""
+    with _stats_lock:
+        counts = {name: _stats[name] for name in ("calls", "extract_calls", "timeouts", "errors")}
+        counts["by_kind"] = dict(_error_kinds)
+    return counts
+
+
+def reset_grading_stats() -> None:
+    """Zero the counts of `grading_stats`; each kind of error is logged once again after a reset."""
+    with _stats_lock:
+        _stats.clear()
+        _error_kinds.clear()
+        _logged_kinds.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,35 +195,59 @@ def _matching_brace(text: str, open_pos: int) -> int | None:
     return None
 
 
-def _box_content(text: str, after_command: int) -> str | None:
-    """Content of the box whose command name ends at `after_command`, or None if it is not a usable box."""
+def _box_content(text: str, after_command: int) -> tuple[str | None, int]:
+    """Content of the box whose command name ends at `after_command` (None if it is not a usable box) and where the
+    box ends."""
     if after_command < len(text) and text[after_command].isalpha():
-        return None  # a longer command that merely starts with "\boxed", e.g. "\boxedeq"
+        return None, after_command  # a longer command that merely starts with "\boxed", e.g. "\boxedeq"
     start = after_command
     while start < len(text) and text[start].isspace():
         start += 1
     if start < len(text) and text[start] == "{":
         close = _matching_brace(text, start)
-        return None if close is None else text[start + 1 : close].strip()
+        return (None, after_command) if close is None else (text[start + 1 : close].strip(), close + 1)
     if start == after_command:
-        return None  # "\boxed" followed directly by something that is neither a brace nor a space
+        return None, after_command  # "\boxed" followed directly by something that is neither a brace nor a space
     # "\boxed 5": TeX boxes the next token; in model output that is the rest of the formula.
     content = re.split(r"[$\n]", text[start:], maxsplit=1)[0]
-    return _clean(content)
+    return _clean(content), start + len(content)
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last complete `\\boxed{...}` / `\\fbox{...}` / `\\boxed X` in `text`, or None."""
+def _boxes(text: str) -> Iterator[tuple[int, int, str]]:
+    """(start, end, content) of every usable box in `text`, from the last to the first."""
     end = len(text)
     while True:
         start = max(text.rfind(command, 0, end) for command in _BOX_COMMANDS)
         if start < 0:
-            return None
+            return
         command = next(c for c in _BOX_COMMANDS if text.startswith(c, start))
-        content = _box_content(text, start + len(command))
+        content, box_end = _box_content(text, start + len(command))
         if content:
-            return content
+            yield start, box_end, content
         end = start
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete `\\boxed{...}` / `\\fbox{...}` / `\\boxed X` in `text`, or None."""
+    return next((content for _, _, content in _boxes(text)), None)
+
+
+# What may stand between the boxes of one answer given as several boxes: `\boxed{2}, \boxed{3}`,
+# `$\boxed{2}$ and $\boxed{3}$` (the separators Math-Verify's own box extraction joins boxes across).
+_BOX_SEPARATOR_RE = re.compile(r"^[\s$]*(?:,|,?\s*(?:and|or))[\s$]*$")
+
+
+def _final_boxes(text: str) -> str | None:
+    """The last box, together with the boxes right before it that only a comma, "and" or "or" separates from it
+    (one answer written as several boxes, `x = \\boxed{2}, \\boxed{3}`), joined by ", "; None without a box."""
+    contents: list[str] = []
+    previous_start = None
+    for start, end, content in _boxes(text):
+        if previous_start is not None and not _BOX_SEPARATOR_RE.match(text[end:previous_start]):
+            break
+        contents.append(content)
+        previous_start = start
+    return ", ".join(reversed(contents)) if contents else None
 
 
 def _clean(answer: str) -> str | None:
@@ -152,22 +264,131 @@ def _clean(answer: str) -> str | None:
     return answer or None
 
 
+# Minerva's answer format ("Final Answer: The final answer is X. I hope it is correct.", Lewkowycz et al. 2022),
+# which Math-Verify's extraction also anchors on.
+_MINERVA_TAIL = ". I hope it is correct"
+
+
 def _answer_phrase(text: str) -> str | None:
+    """The text after the last "final answer: X" / "the answer is X" phrase (the innermost one when a phrase holds
+    another, as in Minerva's format), for answers Math-Verify's extraction finds nothing in (words)."""
     matches = _PHRASE_RE.findall(text)
-    return _clean(matches[-1]) if matches else None
+    if not matches:
+        return None
+    phrase = matches[-1]
+    inner = _PHRASE_RE.findall(phrase)
+    if inner:
+        phrase = inner[-1]
+    return _clean(phrase.partition(_MINERVA_TAIL)[0])
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer stated in `text`, or None when it states none. See the module docstring for the order."""
+# Math-Verify's own extraction of an answer written without a box (arXiv 2501.04519 grades final answers; the
+# policy boxes them, other models often do not): LaTeX in math delimiters and plain numbers or expressions, found
+# by its priorities ("final answer is X. I hope", "answer: X", "answer ... X", else the last one in the text).
+# Boxes are left to `_final_boxes` (boxed_match_priority=-1): by then the text has no usable box, and Math-Verify
+# would read a truncated one.
+_FALLBACK_EXTRACTION = (LatexExtractionConfig(boxed_match_priority=-1), ExprExtractionConfig())
+# Inside an `<answer>` block the block itself is the answer; only an anchored phrase in it ("The answer is 12.")
+# is read out of it.
+_BLOCK_EXTRACTION = (
+    LatexExtractionConfig(boxed_match_priority=-1, try_extract_without_anchor=False),
+    ExprExtractionConfig(try_extract_without_anchor=False),
+)
+# Math-Verify reads the end of longer texts only: its regular expressions are not all linear, a regular expression
+# cannot be interrupted outside the main thread, and the final answer is stated at the end.
+_MAX_EXTRACTION_CHARS = 6000
+
+
+def _tail(text: str) -> str:
+    if len(text) <= _MAX_EXTRACTION_CHARS:
+        return text
+    cut = len(text) - _MAX_EXTRACTION_CHARS
+    line = text.find("\n", cut)  # start at a line, so that no inline `$...$` is cut in half
+    return text[line + 1 :] if line >= 0 else text[cut:]
+
+
+def _is_percentage(value: object) -> bool:
+    """Whether Math-Verify read `value` from a percentage (`25%`), which it keeps as `25 * (1/100)`."""
+    return (
+        isinstance(value, Mul)
+        and len(value.args) == 2
+        and isinstance(value.args[1], UnevaluatedExpr)
+        and value.args[1].args[0] == Rational(1, 100)
+    )
+
+
+def _math_verify_extract(text: str, extraction: tuple) -> tuple[object, str] | None:
+    """Math-Verify's extraction (`math_verify.parse`'s loop, "any_match"), returning the value it finds with the
+    string of the match it came from: patterns by priority; within a priority, matches from the rightmost; the
+    first match SymPy parses wins. None without a match.
+
+    Where the first match does not parse, `parse` moves on to other matches, often an earlier formula, and pairs
+    their value with the first match's string. Here the first match's string is the answer when it is LaTeX (the
+    writer delimited it as math) and not prose: `\\{x \\mid x \\geq 1\\}` is the stated answer although SymPy cannot
+    parse it, and grading compares it as text. A plain-text match that does not parse (`15**.` in `**15**.`) or
+    prose between two currency signs (`$35 and she saved $`) is a misreading, and the search goes on as in `parse`.
+    When nothing parses, the first match's string, as `parse(..., fallback_mode="first_match")` keeps it.
+    """
+    patterns = [
+        (pattern, target, priority)
+        for regexes, target in get_extraction_regexes(extraction)
+        for pattern, priority in regexes
+    ]
+    patterns.sort(key=lambda entry: entry[2])
+    first_string = None
+    for _, group in groupby(patterns, key=lambda entry: entry[2]):
+        matches = [(match, target) for pattern, target, _ in group for match in pattern.finditer(text)]
+        matches.sort(key=lambda entry: (entry[0].end(), -entry[0].start()), reverse=True)
+        for match, target in matches:
+            value, string = extract_match(match, target)
+            if value is not None:
+                return value, string
+            if first_string is None and string:
+                if isinstance(target, LatexExtractionConfig) and not _is_prose(string):
+                    return None, string
+                first_string = string
+    return None if first_string is None else (None, first_string)
+
+
+def _math_verify_answer(text: str, extraction: tuple, timeout: float) -> str | None:
+    """The answer Math-Verify's extraction finds in `text`, as a string, or None (errors and timeouts counted)."""
+    # `\$` is LaTeX's dollar sign, a currency sign, never a math delimiter. Math-Verify's number patterns take a
+    # currency sign only after a space or "=", so in "The final answer is \$30." they find no number and fall to an
+    # earlier formula; no extraction option changes that, and the sign carries no value, so it is dropped.
+    unescaped = _tail(text).replace("\\$", " ")
+    try:
+        found = _call_with_deadline(lambda: [_math_verify_extract(unescaped, extraction)], timeout)
+    except Exception as error:  # noqa: BLE001 - extraction must never take down a search or training loop
+        _record_error("extract", error, text)
+        return None
+    if found is None:
+        _record_timeout("extract", text)
+        return None
+    if found[0] is None:
+        return None
+    value, answer = found[0]
+    # A chain `a = b = 5` states its last part (Math-Verify parses the last part too).
+    answer = get_last_eq(answer.strip()).strip()
+    if _is_percentage(value) and "%" not in answer:
+        answer += "\\%"  # Math-Verify's string of "25%" is "25"; the grader reads "25\%" as 25 and as 0.25
+    return answer or None
+
+
+def extract_answer(text: str, timeout: float = 5.0) -> str | None:
+    """The final answer stated in `text`, or None when it states none. See the module docstring for the order.
+
+    Never raises; Math-Verify's extraction (for text without a box) gets `timeout` seconds.
+    """
     if not isinstance(text, str):
         return None
-    boxed = last_boxed(text)
+    _count("extract_calls")
+    boxed = _final_boxes(text)
     if boxed is not None:
         return boxed
     blocks = _ANSWER_BLOCK_RE.findall(text)
     if blocks:
         block = blocks[-1]
-        answer = _answer_phrase(block) or _clean(block)
+        answer = _math_verify_answer(block, _BLOCK_EXTRACTION, timeout) or _answer_phrase(block) or _clean(block)
         if answer is not None:
             return answer
     gsm8k = _GSM8K_RE.findall(text)
@@ -175,7 +396,14 @@ def extract_answer(text: str) -> str | None:
         answer = _clean(gsm8k[-1])
         if answer is not None:
             return answer
-    return _answer_phrase(text)
+    return _math_verify_answer(text, _FALLBACK_EXTRACTION, timeout) or _answer_phrase(text)
+
+
+def grade_solution(text: str, gold: str | None, timeout: float = 5.0) -> bool:
+    """Whether the free-form solution `text` reaches the gold final answer: `grade_answer(extract_answer(text),
+    gold)`. Never raises."""
+    answer = extract_answer(text, timeout=timeout)
+    return answer is not None and grade_answer(answer, gold, timeout=timeout)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,6 +444,8 @@ def _prepare(answer: str) -> str:
     """Rewrite forms that Math-Verify misreads, keeping the answer's meaning."""
     answer = answer.replace("\\$", "").strip().rstrip(".,").strip()
     answer = _strip_outer_delimiters(answer)
+    if answer.startswith("{") and _matching_brace(answer, 0) == len(answer) - 1:
+        answer = answer[1:-1].strip()  # `{(2,4)}`: a TeX group around the whole answer groups nothing
     if "\\approx" in answer and "," not in answer:
         # "\\cos(e) \\approx -0.912" states the value -0.912; Math-Verify would keep the left-hand side.
         answer = answer.rsplit("\\approx", 1)[1].strip()
@@ -431,26 +661,43 @@ def _stated_value(item: object) -> object:
     return item
 
 
-def _parse(answer: str) -> list:
+def _parse(answer: str, errors: list[tuple[str, Exception]]) -> list:
     # No fallback to the raw string: text comparison is done (on normalised text) before parsing.
-    parsed = parse(
-        "\\boxed{" + answer + "}", extraction_config=_EXTRACTION, fallback_mode="no_fallback", parsing_timeout=None
-    )
+    try:
+        parsed = parse(
+            "\\boxed{" + answer + "}",
+            extraction_config=_EXTRACTION,
+            fallback_mode="no_fallback",
+            parsing_timeout=None,
+            raise_on_error=True,
+        )
+    except Exception as error:  # noqa: BLE001 - counted and logged by grade_answer
+        errors.append(("parse", error))
+        return []
     return [_stated_value(item) for item in parsed]
 
 
-def _verify_both_ways(gold: list | Basic, pred: list | Basic) -> bool:
-    if verify(gold, pred, timeout_seconds=None):
+def _verify(gold: list | Basic, pred: list | Basic, errors: list[tuple[str, Exception]]) -> bool:
+    """Math-Verify's `verify`, its exceptions (which it would turn into False silently) collected in `errors`."""
+    try:
+        return verify(gold, pred, timeout_seconds=None, raise_on_error=True)
+    except Exception as error:  # noqa: BLE001 - counted and logged by grade_answer
+        errors.append(("verify", error))
+        return False
+
+
+def _verify_both_ways(gold: list | Basic, pred: list | Basic, errors: list[tuple[str, Exception]]) -> bool:
+    if _verify(gold, pred, errors):
         return True
     # Math-Verify is asymmetric only around equations, relations, sets and tuples; plain expressions need no
     # second (slow) comparison in the other order.
     items = (gold if isinstance(gold, list) else [gold]) + (pred if isinstance(pred, list) else [pred])
     if not any(isinstance(item, (Relational, And, Set, Tuple)) for item in items):
         return False
-    return verify(pred, gold, timeout_seconds=None)
+    return _verify(pred, gold, errors)
 
 
-def _equations_equal(gold: Basic, pred: Basic) -> bool | None:
+def _equations_equal(gold: Basic, pred: Basic, errors: list[tuple[str, Exception]]) -> bool | None:
     """Decide a pair of equations that Math-Verify would get slow or wrong; None for any other pair.
 
     Math-Verify compares two equations by simplifying, then flipping, then solving both for all their symbols.
@@ -463,33 +710,36 @@ def _equations_equal(gold: Basic, pred: Basic) -> bool | None:
     if not (isinstance(gold, Eq) and isinstance(pred, Eq)):
         return None
     if is_assignment_relation(gold) and is_assignment_relation(pred) and gold.lhs == pred.lhs:
-        return _verify_both_ways(gold.rhs, pred.rhs)
+        return _verify_both_ways(gold.rhs, pred.rhs, errors)
     if not gold.free_symbols or not pred.free_symbols:
         return None
     ratio = simplify((gold.lhs - gold.rhs) / (pred.lhs - pred.rhs))
     return bool(ratio.is_number and ratio.is_finite and ratio.is_zero is False)
 
 
-def _symbolically_equal(pred: str, gold: str) -> bool:
-    parsed_gold = _parse(gold)
-    parsed_pred = _parse(pred)
+def _symbolically_equal(pred: str, gold: str, errors: list[tuple[str, Exception]]) -> bool:
+    parsed_gold = _parse(gold, errors)
+    parsed_pred = _parse(pred, errors)
     if not parsed_gold or not parsed_pred or _too_big(parsed_gold) or _too_big(parsed_pred):
         return False
     if isinstance(parsed_gold[0], Basic) and isinstance(parsed_pred[0], Basic):
-        decided = _equations_equal(parsed_gold[0], parsed_pred[0])
+        decided = _equations_equal(parsed_gold[0], parsed_pred[0], errors)
         if decided is not None:
             return decided
-    return _verify_both_ways(parsed_gold, parsed_pred)
+    return _verify_both_ways(parsed_gold, parsed_pred, errors)
 
 
 def grade_answer(pred: str | None, gold: str | None, timeout: float = 5.0) -> bool:
     """Whether the predicted final answer `pred` is equivalent to the gold final answer `gold`.
 
-    Both are final answers (use `extract_answer` on a full solution first). Never raises; returns False for
-    missing or empty answers and for comparisons that do not finish within `timeout` seconds.
+    Both are final answers (use `extract_answer` on a full solution first, or `grade_solution`). Never raises;
+    returns False for missing or empty answers and for comparisons that do not finish within `timeout` seconds.
+    Timeouts and exceptions (Math-Verify's included) are counted in `grading_stats()` and each kind is logged once.
     """
     if not isinstance(pred, str) or not isinstance(gold, str):
         return False
+    _count("calls")
+    errors: list[tuple[str, Exception]] = []
     try:
         pred, gold = _prepare(pred), _prepare(gold)
         if not pred or not gold:
@@ -503,6 +753,13 @@ def grade_answer(pred: str | None, gold: str | None, timeout: float = 5.0) -> bo
         if _is_prose(pred) or _is_prose(gold) or max(len(pred), len(gold)) > _MAX_SYMBOLIC_CHARS:
             return False
         # A zero timer would mean "no deadline" to setitimer; keep a non-positive timeout a (very short) deadline.
-        return _call_with_deadline(lambda: _symbolically_equal(pred, gold), max(timeout, 1e-3)) is True
-    except Exception:  # noqa: BLE001 - grading must never take down a search or training loop
+        equal = _call_with_deadline(lambda: _symbolically_equal(pred, gold, errors), max(timeout, 1e-3))
+        if equal is None:
+            _record_timeout("grade", pred, gold)
+        return equal is True
+    except Exception as error:  # noqa: BLE001 - grading must never take down a search or training loop
+        errors.append(("grade", error))
         return False
+    finally:
+        for where, error in errors:
+            _record_error(where, error, pred, gold)

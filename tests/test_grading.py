@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import signal
 import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rstar_trl.grading import extract_answer, grade_answer, last_boxed
+import rstar_trl.grading as grading
+from rstar_trl.grading import (
+    extract_answer,
+    grade_answer,
+    grade_solution,
+    grading_stats,
+    last_boxed,
+    reset_grading_stats,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # extract_answer
@@ -132,6 +144,91 @@ def test_last_boxed_returns_none_without_a_box():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# extract_answer: real model output without a box (Math-Verify's extraction)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_extract_answer_reads_the_number_of_an_unboxed_last_sentence():
+    text = "On the second day she read 64 pages.\nTherefore, Lara read 128 pages on the first day."
+    assert extract_answer(text) == "128"
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("Final Answer: The final answer is 9. I hope it is correct.", "9"),
+        ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", r"\frac{1}{2}"),
+        ("Final Answer: The final answer is \\$30. I hope it is correct.", "30"),
+        ("Final Answer: The final answer is No solution. I hope it is correct.", "No solution"),
+    ],
+)
+def test_extract_answer_reads_the_minerva_answer_format(text, answer):
+    assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("So the answer is **15**.", "15"),
+        ("The answer is 25%.", r"25\%"),
+        ("She spends $1,500 on rent in total.", "1500"),
+        ("It costs 3 + 4 = 7 dollars, so the answer is 7 apples.", "7"),
+        ("The answer is $\\{x \\mid x \\geq 1\\}$.", r"\{x \mid x \geq 1\}"),
+        ("Simplifying, we get $z = 2 + 3 = 5$.", "5"),
+    ],
+)
+def test_extract_answer_reads_unboxed_answers_as_math_verify_finds_them(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_extract_answer_joins_the_boxes_of_one_answer():
+    assert extract_answer(r"The solutions are $\boxed{2}$, $\boxed{5}$ and $\boxed{7}$.") == "2, 5, 7"
+
+
+def test_extract_answer_does_not_read_a_truncated_box_through_math_verify():
+    assert extract_answer(r"So the value is $\boxed{\frac{1}{2") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grade_solution: whole texts, money
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        r"She pays $3 \times 5 = 15$ dollars, so she pays $\boxed{\$15}$.",
+        r"So she pays $\boxed{15 \text{ dollars}}$.",
+        r"So she pays $\boxed{\$15.00}$.",
+        r"Final Answer: The final answer is \$15. I hope it is correct.",
+        r"So it costs **\$15**.",
+        r"Thus, the total cost is $\$15$.",
+        "She paid $5 and $10, so the answer is $15.",
+    ],
+)
+def test_money_grades_equal_to_its_number(text):
+    assert grade_solution(text, "15") is True
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        r"So she pays $\boxed{\$16}$.",
+        r"Final Answer: The final answer is \$150. I hope it is correct.",
+        "Therefore, Lara read 127 pages on the first day.",
+    ],
+)
+def test_a_wrong_number_does_not_grade_equal(text):
+    assert grade_solution(text, "15") is False
+
+
+def test_grade_solution_reads_the_answer_out_of_the_text():
+    assert grade_solution("Therefore, Lara read 128 pages on the first day.", "128") is True
+    assert grade_solution("Final Answer: The final answer is 9. I hope it is correct.", "9") is True
+    assert grade_solution("Let me think about this.", "9") is False
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # grade_answer: equal and unequal pairs (pred, gold)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -191,6 +288,10 @@ EQUAL = [
     pytest.param(r"\text{all real numbers}", "all real numbers", id="prose-same-text"),
     pytest.param(r"\text{even}", "even", id="word"),
     pytest.param("10^6", "1,000,000", id="power-of-ten"),
+    pytest.param(r"\$15", "15", id="dollar-sign"),
+    pytest.param(r"15 \text{ dollars}", "15", id="dollars-word"),
+    pytest.param(r"{(2,4)}", "(2,4)", id="tex-group"),
+    pytest.param(r"25\%", "0.25", id="extracted-percentage"),
 ]
 
 NOT_EQUAL = [
@@ -359,3 +460,113 @@ def test_a_timed_out_grade_leaves_later_grades_working():
     pred, gold = _slow_pair("t")
     assert grade_answer(pred, gold, timeout=0.3) is False
     assert grade_answer("x^2+2x+1", "(x+1)^2") is True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics: timeouts and exceptions are counted, each kind logged once
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "rstar_trl.grading"]
+
+
+def test_grading_stats_count_calls_and_reset():
+    reset_grading_stats()
+    grade_answer("1/2", "0.5")
+    grade_answer(None, "1")  # no answer: not a comparison
+    extract_answer("The answer is 3.")
+    stats = grading_stats()
+    assert (stats["calls"], stats["extract_calls"], stats["timeouts"], stats["errors"]) == (1, 1, 0, 0)
+    reset_grading_stats()
+    assert grading_stats()["calls"] == 0
+
+
+@swallowed_alarm_ok
+def test_timeouts_are_counted_and_logged_once(caplog):
+    reset_grading_stats()
+    with caplog.at_level(logging.WARNING, logger="rstar_trl.grading"):
+        for variable in ("u", "v"):
+            pred, gold = _slow_pair(variable)
+            assert grade_answer(pred, gold, timeout=0.2) is False
+    stats = grading_stats()
+    assert stats["timeouts"] == 2
+    assert stats["by_kind"] == {"grade:timeout": 2}
+    assert len(_warnings(caplog)) == 1
+    assert "deadline" in _warnings(caplog)[0]
+
+
+def test_math_verify_exceptions_are_counted_and_logged_once(monkeypatch, caplog):
+    def broken_verify(*args, **kwargs):
+        raise TypeError("broken comparison")
+
+    monkeypatch.setattr(grading, "verify", broken_verify)
+    reset_grading_stats()
+    with caplog.at_level(logging.WARNING, logger="rstar_trl.grading"):
+        assert grade_answer("2/4", "0.5") is False
+        assert grade_answer("3/6", "0.5") is False
+    stats = grading_stats()
+    assert stats["errors"] == 2
+    assert stats["by_kind"] == {"verify:TypeError": 2}
+    messages = _warnings(caplog)
+    assert len(messages) == 1
+    assert "TypeError" in messages[0] and "broken comparison" in messages[0]
+
+
+def test_extraction_exceptions_are_counted_and_fall_back_to_the_answer_phrase(monkeypatch, caplog):
+    def broken_extract_match(*args, **kwargs):
+        raise RuntimeError("broken extraction")
+
+    monkeypatch.setattr(grading, "extract_match", broken_extract_match)
+    reset_grading_stats()
+    with caplog.at_level(logging.WARNING, logger="rstar_trl.grading"):
+        assert extract_answer("The answer is 12.") == "12"
+        assert extract_answer("The answer is 13.") == "13"
+    assert grading_stats()["by_kind"] == {"extract:RuntimeError": 2}
+    assert len(_warnings(caplog)) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Agreement with labelled real-style solutions (bench/grader_agreement.py), against plain Math-Verify
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _agreement_bench():
+    path = Path(__file__).resolve().parents[1] / "bench" / "grader_agreement.py"
+    spec = importlib.util.spec_from_file_location("grader_agreement", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_data_folder_is_read_from_rstar_trl_data(monkeypatch, tmp_path):
+    bench = _agreement_bench()
+    monkeypatch.setenv("RSTAR_TRL_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="RSTAR_TRL_DATA"):
+        bench.data_dir()
+
+
+def test_grader_agrees_with_labelled_solutions_at_least_as_well_as_plain_math_verify():
+    """A seeded sample of the real-style labelled set (3 problems per source, every style, once right and once
+    wrong): `grade_solution` must agree with the labels at least as often as Math-Verify alone on the whole text,
+    on every source. The shared benchmark files are required: without them this test fails, it does not skip."""
+    bench = _agreement_bench()
+    try:
+        data = bench.data_dir()
+    except FileNotFoundError as error:
+        pytest.fail(str(error))
+    items = bench.build_items(problems_per_source=3, seed=1, data=data)
+    graders = {
+        "ours": grade_solution,
+        "math_verify": bench.plain_math_verify,
+        "math_verify_raw": bench.plain_math_verify_raw,
+    }
+    agree: dict[str, dict[str, list[bool]]] = {name: defaultdict(list) for name in graders}
+    for item in items:
+        for name, grade in graders.items():
+            agree[name][item["source"]].append(grade(item["text"], item["gold"]) == item["label"])
+    rates = {name: {source: sum(v) / len(v) for source, v in per.items()} for name, per in agree.items()}
+    assert set(rates["ours"]) == set(bench.SOURCES)
+    for source in bench.SOURCES:
+        baseline = max(rates["math_verify"][source], rates["math_verify_raw"][source])
+        assert rates["ours"][source] >= baseline, f"{source}: {rates}"

@@ -9,6 +9,7 @@ folder later.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import string
 
@@ -58,7 +59,7 @@ def push_folder(folder: str, repo_id: str, repo_type: str = "dataset", private: 
         api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type=repo_type, commit_message=commit_message)
     except Exception as exc:  # network, auth, permissions, conflicts: each explained, always with the manual command
         what = f"Pushing {folder} to the Hub {repo_type} repo {repo_id} failed: {_explain(exc, repo_id, api.endpoint)}"
-        detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        detail = " ".join([line.strip() for line in str(exc).splitlines() if line.strip()][:2])[:400]
         raise HubPushError(f"{what}\n(huggingface_hub said: {type(exc).__name__}: {detail})", command) from exc
     return str(url)
 
@@ -74,47 +75,53 @@ def _chain(exc: BaseException):
 
 def _explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
     """Plain words for why a push failed, from the HTTP status the Hub answered (`HfHubHTTPError`, also when it is
-    wrapped, e.g. by an LFS upload thread) or from the kind of connection failure."""
+    wrapped, e.g. by an LFS upload thread; or a status quoted by the Xet storage client's network error) or from the
+    kind of connection failure."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    namespace = repo_id.split("/")[0] if "/" in repo_id else "your user namespace"
     for error in _chain(exc):
         if isinstance(error, OfflineModeIsEnabled):
             return "HF_HUB_OFFLINE is set, so nothing is sent to the Hub. Unset it (or set HF_HUB_OFFLINE=0) to push."
-        response = getattr(error, "response", None) if isinstance(error, HfHubHTTPError) else None
-        status = getattr(response, "status_code", None)
-        if status is None:
-            continue
-        said = f" The Hub said: {error.server_message.strip()}" if getattr(error, "server_message", None) else ""
-        if status == 401:
-            return ("you are not logged in, or the token is invalid or expired (401 Unauthorized). Log in with "
-                    "`hf auth login`, or set HF_TOKEN to a token with write access "
-                    f"(https://huggingface.co/settings/tokens).{said}")  # fmt: skip
-        if status == 403:
-            return (f"your token has no write permission to {repo_id} (403 Forbidden): the repository or the "
-                    f"namespace {namespace} is not writable with it. Use a token with write access to {namespace} "
-                    "(a fine-grained token needs it granted explicitly), ask an admin of the organization for write "
-                    f"rights, or push to a namespace you own.{said}")  # fmt: skip
-        if status in (409, 412):
-            return (f"the Hub reported a conflict ({status} {'Conflict' if status == 409 else 'Precondition Failed'}):"
-                    f" another commit or operation on {repo_id} happened at the same time, or the repository exists "
-                    "in a state that does not allow this commit. Wait for other pushes to finish, then run the "
-                    f"command below again.{said}")  # fmt: skip
-        if status == 404:
-            return (
-                f"the Hub cannot find {repo_id} (404 Not Found): it does not exist or your token cannot see it. "
-                f"Check the repository id and type and that you are logged in (`hf auth login`).{said}"
-            )
-        if status == 429:
-            return f"the Hub is rate-limiting these requests (429 Too Many Requests); try again later.{said}"
-        if status >= 500:
-            return f"the Hub had a server error ({status}); try again later.{said}"
-        return f"the Hub answered HTTP {status}.{said}"
+        if isinstance(error, HfHubHTTPError):
+            status = getattr(getattr(error, "response", None), "status_code", None)
+            if status is not None:
+                said = (error.server_message or "").strip()
+                return _status_words(status, repo_id, f" The Hub said: {said}" if said else "")
+    for error in _chain(exc):  # hf_xet reports HTTP errors as ConnectionError("... (403 Forbidden) ...")
+        quoted = re.search(r"\((\d{3}) [A-Z][A-Za-z ]*\)", str(error))
+        if quoted and 400 <= int(quoted.group(1)) < 600:
+            return _status_words(int(quoted.group(1)), repo_id, "")
     for error in _chain(exc):
         name = type(error).__name__
         if isinstance(error, (ConnectionError, TimeoutError)) or "Connect" in name or name.endswith("Timeout"):
             return f"could not reach the Hub at {endpoint} (no network, or HF_ENDPOINT points to the wrong place)."
     return f"{type(exc).__name__}: {exc}"
+
+
+def _status_words(status: int, repo_id: str, said: str) -> str:
+    namespace = repo_id.split("/")[0] if "/" in repo_id else "your user namespace"
+    if status == 401:
+        return ("you are not logged in, or the token is invalid or expired (401 Unauthorized). Log in with "
+                "`hf auth login`, or set HF_TOKEN to a token with write access "
+                f"(https://huggingface.co/settings/tokens).{said}")  # fmt: skip
+    if status == 403:
+        return (f"your token has no write permission to {repo_id} (403 Forbidden): the repository or the "
+                f"namespace {namespace} is not writable with it. Use a token with write access to {namespace} "
+                "(a fine-grained token needs it granted explicitly), ask an admin of the organization for write "
+                f"rights, or push to a namespace you own.{said}")  # fmt: skip
+    if status in (409, 412):
+        return (f"the Hub reported a conflict ({status} {'Conflict' if status == 409 else 'Precondition Failed'}): "
+                f"another commit or operation on {repo_id} happened at the same time, or the repository exists in "
+                "a state that does not allow this commit. Wait for other pushes to finish, then run the command "
+                f"below again.{said}")  # fmt: skip
+    if status == 404:
+        return (f"the Hub cannot find {repo_id} (404 Not Found): it does not exist or your token cannot see it. "
+                f"Check the repository id and type and that you are logged in (`hf auth login`).{said}")  # fmt: skip
+    if status == 429:
+        return f"the Hub is rate-limiting these requests (429 Too Many Requests); try again later.{said}"
+    if status >= 500:
+        return f"the Hub had a server error ({status}); try again later.{said}"
+    return f"the Hub answered HTTP {status}.{said}"
 
 
 def load_dataset_folder(folder: str) -> Dataset:

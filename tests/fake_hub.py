@@ -26,7 +26,9 @@ as on the Hub. `failures` forces an answer for one endpoint (e.g. `{"commit": (4
 
 Not faked: the Xet storage protocol (CAS) that `huggingface_hub` uses for large files whenever `hf_xet` is installed.
 `patch()` and `env()` therefore set HF_HUB_DISABLE_XET=1, which makes the client take the git-LFS path above (the
-path it takes without `hf_xet`); everything else (create, preupload, commit) is the same either way.
+path it takes without `hf_xet`); everything else (create, preupload, commit) is the same either way. With Xet left
+on, the client's first Xet request, `GET /api/{type}s/{repo_id}/xet-write-token/{rev}`, gets the Hub's auth and
+permission answers (401, 403, 404), else 501 "not faked" (`failures["xet_token"]` forces one).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import base64
 import fnmatch
 import hashlib
 import json
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -112,8 +115,7 @@ class FakeHub:
         class Handler(_Handler):
             fake = hub
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
@@ -160,6 +162,14 @@ class FakeHub:
 
     def last_commit(self, repo_type: str, repo_id: str) -> dict:
         return self.commits[_key(repo_type, repo_id)][-1]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # a client that hangs up (hf_xet giving up) is not news
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
 
 def _key(repo_type: str | None, repo_id: str) -> str:
@@ -256,6 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
             return "repo_info", lambda body: self._repo_info(p[1][:-1], f"{p[2]}/{p[3]}")
         if method == "POST" and api_repo and len(p) >= 6 and p[4] == "preupload":
             return "preupload", lambda body: self._preupload(p[1][:-1], f"{p[2]}/{p[3]}", body)
+        if method == "GET" and api_repo and len(p) >= 6 and p[4] == "xet-write-token":
+            return "xet_token", lambda body: self._xet_token(p[1][:-1], f"{p[2]}/{p[3]}")
         if method == "POST" and api_repo and len(p) >= 6 and p[4] == "commit":
             return "commit", lambda body: self._commit(p[1][:-1], f"{p[2]}/{p[3]}", "/".join(p[5:]), body)
         if method == "POST" and p[-4:] == ["info", "lfs", "objects", "batch"] and p[-5].endswith(".git"):
@@ -348,6 +360,10 @@ class _Handler(BaseHTTPRequestHandler):
             answer["oid"] = present["oid"] if present else None
             answers.append(answer)
         self._reply({"files": answers, "commitOid": self.fake.repos[_key(repo_type, repo_id)]["sha"]})
+
+    def _xet_token(self, repo_type: str, repo_id: str) -> None:
+        self._repo(repo_type, repo_id, write=True)  # the Hub's checks (401, 404, 403) come first
+        raise _Error(501, "Xet storage is not faked: set HF_HUB_DISABLE_XET=1 (FakeHub.patch and FakeHub.env do)")
 
     def _lfs_batch(self, repo_type: str, repo_id: str, body: bytes) -> None:
         self._repo(repo_type, repo_id, write=True)

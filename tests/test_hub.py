@@ -229,3 +229,17 @@ def test_a_private_push_command_keeps_private_and_quotes_paths(hub, tmp_path):
         push_folder(folder, "org/run-trees", private=True, token=hub.token)
     assert err.value.command == f"hf upload org/run-trees '{folder}' . --repo-type dataset --private"
     assert "server error (500)" in str(err.value)
+
+
+def test_with_xet_storage_on_a_refusal_is_still_explained(tmp_path, monkeypatch):
+    """With hf_xet installed (the default) the client sends large files through Xet storage, which the fake does not
+    serve; its write-token request still gets the Hub's answers, and hf_xet's error quotes the status."""
+    from huggingface_hub import constants
+
+    with FakeHub() as hub:
+        hub.patch(monkeypatch)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+        hub.failures["xet_token"] = (403, "Write access to this repo is not granted to the token")
+        message = _failed_push(_folder(tmp_path), "org/run-trees", token=hub.token)
+        assert "no write permission to org/run-trees (403 Forbidden)" in message
+        assert "GET /api/datasets/org/run-trees/xet-write-token/main" in hub.requests and not hub.commits

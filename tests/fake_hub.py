@@ -13,7 +13,7 @@ read from `hf_api.py`, `_commit_api.py`, `lfs.py` and `utils/_http.py`), the way
 - `POST /{prefix}{repo_id}.git/info/lfs/objects/batch` (git-lfs batch API): for each announced object (oid = sha256,
   size), an upload action (a PUT URL on this server; a multipart one when `multipart_chunk_size` is set) and a verify
   action; no actions for an object already stored.
-- `PUT /lfs-upload/{oid}`, `PUT /lfs-part/{oid}/{n}` + `POST /lfs-complete/{oid}`, `POST /lfs-verify/{repo}`: receive
+- `PUT /lfs-upload/{oid}`, `PUT /lfs-part/{oid}/{n}` + `POST /lfs-complete/{oid}`, `POST /lfs-verify`: receive
   the bytes (plain or chunked transfer encoding) and check that their sha256 and size are what the batch request
   announced; a mismatch is a 400 and is recorded in `rejected`.
 - `POST /api/{type}s/{repo_id}/commit/{rev}`: the NDJSON commit (a `header` line, then `file` lines with base64

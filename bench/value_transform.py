@@ -54,7 +54,15 @@ import torch
 import yaml
 
 from rstar_trl.hub import load_dataset_folder
-from rstar_trl.ppm import PPMConfig, PPMTrainer, TransformersPPMScorer, ValueTransform, value_from_score
+from rstar_trl.ppm import (
+    PPMConfig,
+    PPMTrainer,
+    TransformersPPMScorer,
+    ValueTransform,
+    build_preference_pairs,
+    build_sft_dataset,
+    value_from_score,
+)
 from rstar_trl.search import MCTSConfig, MCTSGenerator
 from rstar_trl.tiny import tiny_splits, to_dataset
 
@@ -215,6 +223,37 @@ def run_search(variant: str, policy: str, scorer, problems: datasets.Dataset, se
     return info
 
 
+def tree_data(variant: str, policy: str, scorer, problems: datasets.Dataset, settings: dict, recipe: str, out: str):
+    """The training data a round would build from the variant's trees (the scale changes Q, so which pairs pass the
+    Q gap and which solutions rank first): preference pairs and SFT rows with the round recipe's settings."""
+    path = os.path.join(out, "results", f"{variant}.data.json")
+    done = _read_json(path)
+    if done is not None:
+        return done
+    from rstar_trl.rounds import RoundArguments
+
+    with open(recipe) as f:
+        round_settings = {k: v for k, v in yaml.safe_load(f).items() if k in RoundArguments.__dataclass_fields__}
+    round_args = RoundArguments(**round_settings)
+    config = MCTSConfig(**{**settings, "output_dir": os.path.join(out, "search", variant)})
+    with MCTSGenerator(policy, args=config, train_dataset=problems, ppm=scorer) as generator:
+        trees = generator.generate()  # the saved trees: nothing is searched again
+    pairs, pair_stats = build_preference_pairs(
+        trees, min_q_gap=round_args.pairs_min_q_gap, per_side=round_args.pairs_per_side, return_stats=True
+    )
+    sft, sft_stats = build_sft_dataset(trees, top_k=round_args.sft_top_k, return_stats=True)
+    info = {
+        "pairs": len(pairs),
+        "pair_stats": pair_stats,
+        "pair_keys": [f"{k}:{p}:{c}:{r}" for k, p, c, r in zip(pairs["kind"], pairs["problem_index"],
+                                                                 pairs["chosen_node"], pairs["rejected_node"])],
+        "sft_rows": len(sft),
+        "sft_keys": [f"{p}:{c}" for p, c in zip(sft["problem_index"], sft["completion"])],
+    }  # fmt: skip
+    _write_json(path, info)
+    return info
+
+
 def run_eval(variant: str, policy: str, ppm_dir: str, scorer, problems, settings: dict, methods, out: str) -> dict:
     path = os.path.join(out, "results", f"{variant}.eval.json")
     done = _read_json(path)
@@ -243,7 +282,8 @@ def run_eval(variant: str, policy: str, ppm_dir: str, scorer, problems, settings
 
 
 def table(rows: list[dict], methods: list[str]) -> str:
-    head = ["variant", "held-out pair acc.", "held-out values at abs > 0.99", "solved by search (round-3 settings)"]
+    head = ["variant", "held-out pair acc.", "held-out values at abs > 0.99", "solved by search (round-3 settings)",
+            "pairs from its trees (same as a)", "SFT rows (same as a)"]  # fmt: skip
     head += [f"test-time {m}" for m in methods]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -256,7 +296,14 @@ def table(rows: list[dict], methods: list[str]) -> str:
         sat = "-" if row.get("saturated_share") is None else f"{100 * row['saturated_share']:.1f}%"
         search = row.get("search") or {}
         solved = f"{search['solved']}/{search['problems']}" if search else "-"
-        cells = [row["label"], acc, sat, solved]
+        data, reference = row.get("data") or {}, next((r.get("data") for r in rows if r["variant"] == "a"), None)
+        pairs = sft = "-"
+        if data:
+            same = reference and len(set(data["pair_keys"]) & set(reference["pair_keys"]))
+            pairs = f"{data['pairs']}" + (f" ({same})" if reference else "")
+            same = reference and len(set(data["sft_keys"]) & set(reference["sft_keys"]))
+            sft = f"{data['sft_rows']}" + (f" ({same})" if reference else "")
+        cells = [row["label"], acc, sat, solved, pairs, sft]
         for m in methods:
             result = (row.get("eval") or {}).get(m)
             cells.append(f"{100 * result['accuracy']:.1f}% ({result['correct']})" if result else "-")
@@ -327,6 +374,7 @@ def main() -> None:
             scorer = TransformersPPMScorer(ppm_dir, device="cpu", max_length=1024, value_transform=transform)
         logger.info("variant %s: search", variant)
         row["search"] = run_search(variant, policy, scorer, problems, settings, out)
+        row["data"] = tree_data(variant, policy, scorer, problems, settings, args.search_config, out)
         if scorer is not None and args.eval_methods:
             logger.info("variant %s: test-time %s", variant, args.eval_methods)
             row["eval"] = run_eval(variant, policy, ppm_dir, scorer, problems, settings, args.eval_methods, out)
@@ -336,8 +384,9 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"\nround {args.round_dir}, problems {args.problems} of the tiny train split, commit {commit}\n")
     print(table(rows, args.eval_methods or []))
-    summary = [{k: v for k, v in row.items() if k != "search"} | {"search": {k: row["search"][k] for k in
-               ("solved", "problems", "solved_by_level", "search_time_s")}} for row in rows]  # fmt: skip
+    summary = [{k: v for k, v in row.items() if k not in ("search", "data")} | {
+        "search": {k: row["search"][k] for k in ("solved", "problems", "solved_by_level", "search_time_s")},
+        "data": {k: row["data"][k] for k in ("pairs", "sft_rows")}} for row in rows]  # fmt: skip
     print(json.dumps({"round_dir": args.round_dir, "problems": args.problems, "command": " ".join(sys.argv),
                       "variants": summary}))  # fmt: skip
 

@@ -8,7 +8,11 @@
 Without --config, the tiny recipe of the round gives the settings (recipes/tiny/round<k>.yaml for --round k,
 default 1); command-line options override the config file. Everything goes under
 --output_dir/round_<k>/{trees,sft,pairs,policy,ppm}; a re-run of the same command skips finished stages and resumes
-an interrupted search. With --push_to_hub each of the five is pushed, with its card, to
+an interrupted search (and, with --save_steps, an interrupted training). A stage made with other settings or inputs
+than the command's is refused before any compute, naming the stage and each differing field; --redo STAGE[,STAGE]
+(or --redo all) recomputes those stages and every stage after them. --use_peft trains LoRA adapters (TRL's
+ModelConfig options: --lora_r, --lora_alpha, --lora_dropout, --lora_target_modules, ...) for the policy and the PPM,
+merged into the saved checkpoints. With --push_to_hub each of the five is pushed, with its card, to
 --hub_repo_pattern (default {org}/{run}-round{round}-{artifact}). A failed push (no network, no token) leaves the
 round complete locally and prints the `hf upload` command that pushes it later.
 """
@@ -19,7 +23,7 @@ import sys
 
 from trl import TrlParser
 
-from rstar_trl.rounds import RoundArguments, RoundSearchConfig, plan_round, run_round
+from rstar_trl.rounds import RoundArguments, RoundModelConfig, RoundSearchConfig, plan_round, run_round
 
 RECIPES = os.path.dirname(os.path.abspath(__file__))
 
@@ -38,17 +42,18 @@ def default_config(argv: list[str]) -> list[str]:
     return ["--config", config, *argv] if os.path.exists(config) else argv
 
 
-def main(args: RoundArguments, search: RoundSearchConfig) -> None:
+def main(args: RoundArguments, search: RoundSearchConfig, lora: RoundModelConfig | None = None) -> None:
     try:
-        plan = plan_round(args, search)  # every check happens here, before any compute
+        plan = plan_round(args, search, lora)  # every check happens here, before any compute
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     result = run_round(args, search, plan)
     if not result.is_main_process:
         return
     if len(result.infos) < 5:
+        again = " and --redo (which would start those stages over)" if args.redo else ""
         print(f"\nRound {plan.round} stopped after {args.stop_after} (--stop_after): {plan.round_dir}. Re-run "
-              "without --stop_after to go on.")  # fmt: skip
+              f"without --stop_after{again} to go on.")  # fmt: skip
         return
     trees = result.infos["trees"]
     print(f"\nRound {plan.round} done: the search solved {trees['num_solved']}/{trees['num_problems']} problems "
@@ -73,5 +78,5 @@ def main(args: RoundArguments, search: RoundSearchConfig) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    parser = TrlParser((RoundArguments, RoundSearchConfig))
+    parser = TrlParser((RoundArguments, RoundSearchConfig, RoundModelConfig))
     main(*parser.parse_args_and_config(default_config(sys.argv[1:])))

@@ -10,16 +10,42 @@ Round k, under `output_dir/round_<k>/`:
 | policy | `policy/` | the BASE model fine-tuned on `sft/` with TRL's `SFTTrainer` (completion-only loss) |
 | ppm | `ppm/` | a PPM initialised from `policy/`, trained on `pairs/` with `PPMTrainer` |
 
+The trees read the problems and the searching policy (and PPM), sft and pairs read the trees, the policy reads the
+base model and sft, the PPM reads the policy and pairs (`STAGE_INPUTS`).
+
 Every folder is ready for the Hub (data as parquet or a checkpoint, plus a `README.md` card) and holds `DONE.json`
-(the stage's stats) once the stage has finished; the marker is written last, so a re-run skips exactly the stages
-that finished. The search itself writes finished trees in shards under `search/` and resumes mid-way.
-`round.json` records the round's lineage (base model, the policy and PPM that searched, the full config).
+once the stage has finished: the stage's stats plus
+
+- `fingerprint`: what the output depends on: the stage's settings (e.g. the search budgets, the SFT learning rate,
+  the LoRA options, the number of processes) and its inputs (the problems' hash, the models that search or are
+  fine-tuned, and the `output_sha256` of every stage it reads);
+- `output_sha256`: a hash of the folder's files (card, markers and checkpoints excepted), which the fingerprints of
+  the stages reading it record.
+
+A stage that starts writes its fingerprint to `STARTED.json` (removed when `DONE.json` is written last). A re-run
+skips a finished stage and resumes a started one (the search from its shards under `search/`, the trainers from
+their last checkpoint with `save_steps`) only if the fingerprint is unchanged; any difference, including a
+recomputed input, is refused before any compute, naming the stage and each differing field (old -> new). `redo`
+(`--redo trees,sft`, `--redo all`) deletes the named stages and every stage that reads them, which are then
+computed again. Model inputs that no stage of the run made (the base model, a bootstrap policy) are identified by
+name for Hub ids, and for local folders by the content of their files up to 64 MiB and the name and size of larger
+ones (weights overwritten in place with the same size are not noticed).
+
+`round.json` records the round's lineage (base model, the policy and PPM that searched, the full config, and each
+finished stage's `output_sha256`).
+
+Every model initialisation (the loaded checkpoints, the PPM's new score head, resized embeddings, LoRA weights) is
+preceded by `set_seed(seed)`, so a training stage resumed from a checkpoint ends with the same weights as an
+uninterrupted one. With `RoundModelConfig.use_peft` both trainers train LoRA adapters (TRL's `get_peft_config`); each
+adapter is saved in `adapter/` and merged into the stage's checkpoint (`merge_and_unload`), so the next round's
+search and the scorers load a plain checkpoint.
 """
 
 from __future__ import annotations
 
 import gc
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -32,20 +58,29 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 
+from . import __version__
 from .data import load_problems
 from .hub import HubPushError, load_dataset_folder, push_folder, render_card, save_dataset_folder
 from .ppm import PPMConfig, PPMTrainer, TransformersPPMScorer, build_preference_pairs, build_sft_dataset
 from .ppm.trainer import RSTAR_MATH_CITATION
 from .search import MCTSConfig, MCTSGenerator
+from .search.generator import _TREE_SETTINGS
 from .search.tree import TREE_SCHEMA_VERSION
 
-__all__ = ["ARTIFACTS", "RoundArguments", "RoundPlan", "RoundSearchConfig", "plan_round", "run_round"]
+__all__ = ["ARTIFACTS", "STAGE_INPUTS", "RoundArguments", "RoundModelConfig", "RoundPlan", "RoundSearchConfig",
+           "StaleStageError", "downstream", "plan_round", "run_round"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 ARTIFACTS = ("trees", "sft", "pairs", "policy", "ppm")
 REPO_TYPES = {"trees": "dataset", "sft": "dataset", "pairs": "dataset", "policy": "model", "ppm": "model"}
+# What each stage reads from the round (ARTIFACTS is in stage order: inputs come first).
+STAGE_INPUTS = {"trees": (), "sft": ("trees",), "pairs": ("trees",), "policy": ("sft",), "ppm": ("policy", "pairs")}
 DONE_FILE = "DONE.json"
+STARTED_FILE = "STARTED.json"
+ADAPTER_DIR = "adapter"
+# Files of a model folder that no stage of the run made are hashed whole up to this size, larger ones by name and size.
+_HASH_IN_FULL = 64 * 2**20
 DEFAULT_OUTPUT_DIR = "runs/tiny"
 TINY_POLICY_DIR = "tiny_policy"
 # Lineage sections appended to cards whose template belongs to another component (trees, PPM) start here, so that
@@ -93,6 +128,12 @@ class RoundArguments:
 
     Args:
         push_to_hub, hub_org, hub_run_name, hub_repo_pattern, hub_private.
+
+    > Parameters that control re-runs
+
+    Args:
+        stop_after: stop after this stage.
+        redo: recompute these stages (comma-separated, or `all`) and every stage that reads them.
     """
 
     round: int = field(default=1, metadata={"help": "Self-evolution round k (1-4 in the paper)."})
@@ -178,6 +219,13 @@ class RoundArguments:
         metadata={"help": "Stop after this stage (a re-run goes on from there), e.g. `pairs` to search on vLLM "
                   "processes, then train under another launcher (ZeRO-3).", "choices": list(ARTIFACTS)},
     )  # fmt: skip
+    redo: str | None = field(
+        default=None,
+        metadata={"help": "Recompute these stages and every stage that reads them: a comma-separated list of "
+                  f"{', '.join(ARTIFACTS)}, or `all`. Their folders are deleted first (trees: with the search's "
+                  "shards). A stage made with other settings or inputs than this run's is otherwise refused. Drop "
+                  "it when resuming an interrupted run, or the run starts those stages over."},
+    )  # fmt: skip
     push_to_hub: bool = field(
         default=False, metadata={"help": "Push the round's datasets and checkpoints (with cards) to the Hub."}
     )
@@ -193,6 +241,60 @@ class RoundArguments:
 
 
 @dataclass
+class RoundModelConfig:
+    """The LoRA options of `trl.ModelConfig`: same names, defaults and meaning, turned into a `peft.LoraConfig` by
+    `trl.get_peft_config`, for both trainers of a round (the policy's `SFTTrainer`, task CAUSAL_LM, and the PPM's
+    `PPMTrainer`, task SEQ_CLS, which also trains the new score head in full).
+
+    `trl.ModelConfig` itself cannot be parsed next to `RoundArguments` and `MCTSConfig`: its `model_name_or_path`
+    and `dtype` options clash with theirs. Its quantisation options (QLoRA) are not offered.
+
+    A LoRA stage saves its adapter in `adapter/` and merges it into the folder's checkpoint (`merge_and_unload`),
+    so the next round searches with, and the scorers load, a plain checkpoint. When the policy's tokenizer gets the
+    step markers as new tokens (`add_step_tokens`), their embedding rows (input, and output if untied) are trained
+    too (PEFT's `trainable_token_indices`): LoRA alone would leave them untrained.
+    """
+
+    use_peft: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters (merged into the saved checkpoints) instead of every weight, for "
+                  "the policy SFT and the PPM."},
+    )  # fmt: skip
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules LoRA adapts, e.g. q_proj v_proj, or all-linear (default: PEFT's choice for the "
+                  "architecture)."},
+    )  # fmt: skip
+    lora_target_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "Parameters LoRA adapts directly (PEFT's target_parameters, e.g. MoE experts)."},
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full next to the adapters (the PPM's score head always is)."},
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA: scale by alpha / sqrt(r)."})
+    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
+
+    def __post_init__(self):
+        if self.lora_r < 1:
+            raise ValueError(f"--lora_r must be >= 1, got {self.lora_r}")
+
+    def peft_config(self, task_type: str):
+        """The `peft.LoraConfig` of one trainer (None without `use_peft`), made by `trl.get_peft_config`."""
+        from trl import ModelConfig, get_peft_config
+
+        return get_peft_config(ModelConfig(**asdict(self), lora_task_type=task_type))
+
+    def settings(self) -> dict:
+        """What a trained model depends on (the fingerprint of the training stages)."""
+        return asdict(self) if self.use_peft else {"use_peft": False}
+
+
+@dataclass
 class RoundPlan:
     """Everything a round resolved before any compute: folders, models, problems and artifact names."""
 
@@ -205,6 +307,9 @@ class RoundPlan:
     problems: Dataset
     dataset_name: str
     repo_ids: dict[str, str] = field(default_factory=dict)
+    lora: RoundModelConfig = field(default_factory=RoundModelConfig)
+    redo: list[str] = field(default_factory=list)  # the stages `redo` deletes: those named and all after them
+    problems_sha256: str = ""
 
     @property
     def round_dir(self) -> str:
@@ -243,8 +348,10 @@ def _check_model(value: str, option: str) -> None:
         raise FileNotFoundError(f"{option} {value!r} does not exist")
 
 
-def plan_round(args: RoundArguments, search: MCTSConfig) -> RoundPlan:
-    """Resolve and check a round's inputs. Everything that can be wrong is reported here, before any compute."""
+def plan_round(args: RoundArguments, search: MCTSConfig, lora: RoundModelConfig | None = None) -> RoundPlan:
+    """Resolve and check a round's inputs. Everything that can be wrong is reported here, before any compute,
+    including finished or started stages made with other settings or inputs (`StaleStageError`)."""
+    lora = lora or RoundModelConfig()
     if args.round < 1:
         raise ValueError(f"--round must be >= 1, got {args.round}")
     run_dir = search.output_dir or DEFAULT_OUTPUT_DIR
@@ -255,6 +362,7 @@ def plan_round(args: RoundArguments, search: MCTSConfig) -> RoundPlan:
         raise ValueError(f"--stop_after must be one of {list(ARTIFACTS)}, got {args.stop_after!r}")
     if any(n < 1 for n in args.unsolved_rollouts):
         raise ValueError(f"--unsolved_rollouts must be positive, got {args.unsolved_rollouts}")
+    redo = _parse_redo(args.redo)
 
     given = {"--model_name_or_path": args.model_name_or_path, "--base_model": args.base_model,
              "--ppm_model_name_or_path": args.ppm_model_name_or_path}  # fmt: skip
@@ -327,29 +435,269 @@ def plan_round(args: RoundArguments, search: MCTSConfig) -> RoundPlan:
             raise ValueError(
                 f"--hub_repo_pattern {args.hub_repo_pattern!r} may only use {{org}}, {{run}}, {{round}}, {{artifact}}"
             ) from exc
-    return RoundPlan(args.round, run_dir, base_model, search_policy, search_ppm, build_tiny, problems, dataset_name,
-                     repo_ids)  # fmt: skip
+    plan = RoundPlan(args.round, run_dir, base_model, search_policy, search_ppm, build_tiny, problems, dataset_name,
+                     repo_ids, lora, redo, _problems_sha256(problems))  # fmt: skip
+    _check_tiny_policy(plan, args)
+    check_stages(plan, args, search)
+    return plan
+
+
+def _parse_redo(value: str | None) -> list[str]:
+    """`--redo trees,sft` / `--redo all`: the named stages and every stage that reads them, in stage order."""
+    if not value:
+        return []
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if "all" in names:
+        return list(ARTIFACTS)
+    unknown = [name for name in names if name not in ARTIFACTS]
+    if unknown:
+        raise ValueError(f"--redo takes stages among {', '.join(ARTIFACTS)} or `all`, got {', '.join(unknown)}")
+    return downstream(names)
+
+
+def _check_tiny_policy(plan: RoundPlan, args: RoundArguments) -> None:
+    """An embedded tiny policy built earlier in the run folder must have the bootstrap the options ask for."""
+    record = os.path.join(plan.base_model, "tiny_policy.json")
+    if args.round != 1 or plan.base_model != os.path.join(plan.run_dir, TINY_POLICY_DIR) or not os.path.exists(record):
+        return
+    built = _read_json(record).get("bootstrap_steps")
+    if built is not None and built != args.tiny_bootstrap_steps:
+        raise StaleStageError(
+            f"the tiny policy in {plan.base_model} was built with {built} bootstrap steps, this run asks for "
+            f"--tiny_bootstrap_steps {args.tiny_bootstrap_steps}: pass --tiny_bootstrap_steps {built} to use it, or "
+            f"delete {plan.base_model} and every round_<k> folder of {plan.run_dir} to start the run over"
+        )
 
 
 # -- stages ------------------------------------------------------------------------------------------------------
 
 
-def _stage(plan: RoundPlan, name: str, state: PartialState, run) -> dict:
-    """Run a stage unless its marker exists; the main process writes the marker (the stage's stats) last."""
+class StaleStageError(ValueError):
+    """A finished or started stage was made with other settings or inputs than the run asks for."""
+
+
+def downstream(stages) -> list[str]:
+    """`stages` and every stage that reads them, directly or not, in stage order."""
+    chosen = set(stages)
+    for name in ARTIFACTS:  # inputs come first
+        if any(source in chosen for source in STAGE_INPUTS[name]):
+            chosen.add(name)
+    return [name for name in ARTIFACTS if name in chosen]
+
+
+def _problems_sha256(problems: Dataset) -> str:
+    answers = problems["answer"] if "answer" in problems.column_names else [None] * len(problems)
+    rows = [[str(p), None if a is None else str(a)] for p, a in zip(problems["problem"], answers)]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def _files_sha256(folder: str, full_limit: int | None = None) -> str:
+    """A hash of a folder's files (recursively, by relative path), cards, markers and checkpoints excepted.
+
+    Files up to `full_limit` bytes (all without a limit) count by content, larger ones by name and size."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "checkpoint-")))
+        for name in sorted(files):
+            if name in ("README.md", DONE_FILE, STARTED_FILE) or name.endswith(".tmp"):
+                continue
+            path = os.path.join(root, name)
+            size = os.path.getsize(path)
+            digest.update(f"{os.path.relpath(path, folder)}\0{size}\0".encode())
+            if full_limit is None or size <= full_limit:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(2**24), b""):
+                        digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_identity(name: str | None) -> dict | None:
+    """How a fingerprint names a model: a stage of a run by its `output_sha256`, another local folder by its
+    files, a Hub id by its name."""
+    if name is None:
+        return None
+    if not os.path.isdir(name):
+        return {"name": name}
+    marker = os.path.join(name, DONE_FILE)
+    if os.path.exists(marker):
+        recorded = _read_json(marker).get("output_sha256")
+        if recorded:
+            return {"output_sha256": recorded}
+    return {"files_sha256": _files_sha256(name, _HASH_IN_FULL)}
+
+
+def _output_of(plan: RoundPlan, name: str) -> str:
+    """The `output_sha256` of a finished stage of this round (what the stages reading it record)."""
+    marker = os.path.join(plan.path(name), DONE_FILE)
+    if not os.path.exists(marker):
+        return "not finished"
+    return _read_json(marker).get("output_sha256", "not recorded")
+
+
+def _world_size() -> int:
+    """The processes of the launch (the total batch is per-device batch x accumulation x processes)."""
+    from accelerate.utils.environment import get_cpu_distributed_information
+
+    return get_cpu_distributed_information().world_size
+
+
+def _training_fingerprint(args: RoundArguments, search: MCTSConfig, plan: RoundPlan, prefix: str) -> dict:
+    names = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+             "gradient_accumulation_steps", "max_length")  # fmt: skip
+    return {
+        **{f"{prefix}_{name}": getattr(args, f"{prefix}_{name}") for name in names},
+        "warmup_steps": args.warmup_steps,
+        "lr_scheduler_type": args.lr_scheduler_type,
+        "bf16": _bf16(args),
+        "seed": search.seed,
+        "world_size": _world_size(),
+        **{f"peft.{key}": value for key, value in plan.lora.settings().items()},
+    }
+
+
+def stage_fingerprint(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, name: str) -> dict:
+    """What stage `name`'s output depends on: its settings and its inputs (JSON values, compared field by field)."""
+    if name == "trees":
+        fingerprint = {
+            **{setting: getattr(search, setting) for setting in _TREE_SETTINGS},
+            "unsolved_rollouts": args.unsolved_rollouts,
+            "ppm_max_length": args.ppm_max_length if plan.search_ppm else None,  # the search PPM's context
+            "problems_sha256": plan.problems_sha256,
+            "num_problems": len(plan.problems),
+            "search_policy": _model_identity(plan.search_policy),
+            "search_ppm": _model_identity(plan.search_ppm),
+        }
+    elif name == "sft":
+        fingerprint = {"sft_top_k": args.sft_top_k, "trees": _output_of(plan, "trees")}
+    elif name == "pairs":
+        fingerprint = {"pairs_min_q_gap": args.pairs_min_q_gap, "pairs_per_side": args.pairs_per_side,
+                       "trees": _output_of(plan, "trees")}  # fmt: skip
+    elif name == "policy":
+        fingerprint = {**_training_fingerprint(args, search, plan, "sft"),
+                       "base_model": _model_identity(plan.base_model), "sft": _output_of(plan, "sft")}  # fmt: skip
+    elif name == "ppm":
+        fingerprint = {**_training_fingerprint(args, search, plan, "ppm"), "policy": _output_of(plan, "policy"),
+                       "pairs": _output_of(plan, "pairs")}  # fmt: skip
+    else:
+        raise ValueError(f"unknown stage {name!r}")
+    return json.loads(json.dumps(fingerprint, default=str))  # as it reads back from DONE.json
+
+
+def _work_of(plan: RoundPlan, name: str) -> list[str]:
+    """The folders holding a stage's work: its own, and the search's shards for the trees."""
+    folders = [plan.path(name)]
+    if name == "trees":
+        folders.append(os.path.join(plan.round_dir, "search"))
+    return folders
+
+
+def _recorded(plan: RoundPlan, name: str) -> tuple[str, dict | None]:
+    """Where a stage stands: ("done" | "started", its recorded fingerprint), ("leftovers", None) for work without
+    a marker (an older rstar_trl), or ("fresh", None)."""
     folder = plan.path(name)
-    done = _is_done(folder)
-    state.wait_for_everyone()  # every process has looked before anyone can write the marker
-    if done:
+    for status, marker in (("done", DONE_FILE), ("started", STARTED_FILE)):
+        path = os.path.join(folder, marker)
+        if os.path.exists(path):
+            return status, _read_json(path).get("fingerprint")
+    if any(os.path.isdir(path) and os.listdir(path) for path in _work_of(plan, name)):
+        return "leftovers", None
+    return "fresh", None
+
+
+def _differences(recorded: dict | None, current: dict) -> dict[str, tuple]:
+    if recorded is None:
+        return {"fingerprint": ("none recorded (made by an older rstar_trl)", "...")}
+    return {key: (recorded.get(key), current.get(key)) for key in sorted(set(recorded) | set(current))
+            if recorded.get(key) != current.get(key)}  # fmt: skip
+
+
+def _show(value) -> str:
+    """A fingerprint value for a message: hashes shortened."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "..."
+    return repr(value)
+
+
+def _stale_message(plan: RoundPlan, stale: dict[str, tuple[str, dict]]) -> str:
+    lines = [f"round {plan.round} ({plan.round_dir}) holds work made with other settings or inputs than this run's:"]
+    for name, (status, changes) in stale.items():
+        what = {"done": "finished", "started": "started (interrupted)", "leftovers": "left over"}[status]
+        lines.append(f"  {name} ({what}, {plan.path(name)}):")
+        lines += [f"    {key}: {_show(old)} -> {_show(new)}" for key, (old, new) in changes.items()]
+    first = [name for name in stale if not any(name in downstream([o]) and o != name for o in stale)]
+    recomputed = downstream(first)
+    lines.append(
+        f"Re-run with the settings they were made with to reuse them, or recompute with --redo {','.join(first)} "
+        f"(deletes and recomputes {', '.join(recomputed)}; --redo all recomputes the whole round)."
+    )
+    return "\n".join(lines)
+
+
+def check_stages(plan: RoundPlan, args: RoundArguments, search: MCTSConfig) -> None:
+    """Refuse (`StaleStageError`) finished or started stages whose fingerprint differs from this run's, except
+    those `redo` deletes. Reads markers and small files only."""
+    stale = {}
+    for name in ARTIFACTS:
+        if name in plan.redo:
+            continue
+        status, recorded = _recorded(plan, name)
+        if status == "fresh":
+            continue
+        changes = _differences(recorded, stage_fingerprint(plan, args, search, name))
+        if changes:
+            stale[name] = (status, changes)
+    if stale:
+        raise StaleStageError(_stale_message(plan, stale))
+
+
+def _redo(plan: RoundPlan, state: PartialState) -> None:
+    """Delete the work of the stages `redo` names and of every stage reading them (main process)."""
+    state.wait_for_everyone()
+    if plan.redo and state.is_main_process:
+        for name in plan.redo:
+            for path in _work_of(plan, name):
+                if os.path.exists(path):
+                    shutil.rmtree(path)
+        print(f"[round {plan.round}] --redo: deleted {', '.join(plan.redo)}; they are computed again")
+    state.wait_for_everyone()
+
+
+def _stage(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, name: str, state: PartialState, run) -> dict:
+    """Run a stage unless it finished with the same fingerprint; refuse one made with another fingerprint.
+
+    The main process writes `STARTED.json` (the fingerprint) first and `DONE.json` (stats, fingerprint and the
+    output's hash) last."""
+    folder = plan.path(name)
+    fingerprint = stage_fingerprint(plan, args, search, name)
+    status, recorded = _recorded(plan, name)
+    state.wait_for_everyone()  # every process has looked before anyone can write a marker
+    if status != "fresh":
+        changes = _differences(recorded, fingerprint)
+        if changes:
+            raise StaleStageError(_stale_message(plan, {name: (status, changes)}))
+    if status == "done":
         if state.is_main_process:
-            print(f"[round {plan.round}] {name}: finished earlier, skipped ({folder})")
+            print(f"[round {plan.round}] {name}: finished earlier, skipped (same settings and inputs; {folder})")
+            if os.path.exists(os.path.join(folder, STARTED_FILE)):  # a kill came between the two markers
+                os.remove(os.path.join(folder, STARTED_FILE))
         return _read_json(os.path.join(folder, DONE_FILE))
     if state.is_main_process:
-        print(f"[round {plan.round}] {name}: running -> {folder}")
+        resumed = " (resumed)" if status == "started" else ""
+        print(f"[round {plan.round}] {name}: running{resumed} -> {folder}")
+        _write_json(os.path.join(folder, STARTED_FILE), {"fingerprint": fingerprint})
+    state.wait_for_everyone()
     info = run(folder)
     if state.is_main_process:
+        for path in glob.glob(os.path.join(folder, "checkpoint-*")):
+            shutil.rmtree(path)  # the finished checkpoint is the folder itself
+        info = {**info, "fingerprint": fingerprint, "output_sha256": _files_sha256(folder),
+                "rstar_trl_version": __version__}  # fmt: skip
         _write_json(os.path.join(folder, DONE_FILE), info)
+        os.remove(os.path.join(folder, STARTED_FILE))
     state.wait_for_everyone()
-    return info
+    return _read_json(os.path.join(folder, DONE_FILE))
 
 
 # What makes a process part of a torchrun / accelerate process group.
@@ -486,55 +834,195 @@ def _trainer_settings(args: RoundArguments, prefix: str, folder: str, search: MC
     }
 
 
-def _train(trainer, folder: str, state: PartialState) -> dict:
-    """Train (from the last checkpoint in `folder` if there is one), save, drop checkpoints; the run's metrics."""
-    from transformers.trainer_utils import get_last_checkpoint
+def _last_checkpoint(folder: str, state: PartialState) -> str | None:
+    """The newest whole checkpoint in `folder` (the Trainer writes trainer_state.json last); checkpoints a kill cut
+    short are deleted."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    found = glob.glob(os.path.join(folder, f"{PREFIX_CHECKPOINT_DIR}-*"))
+    found = sorted((p for p in found if p.rsplit("-", 1)[1].isdigit()), key=lambda p: int(p.rsplit("-", 1)[1]))
+    whole = [path for path in found if os.path.exists(os.path.join(path, "trainer_state.json"))]
+    state.wait_for_everyone()  # every process has looked before any is deleted
+    if state.is_main_process:
+        for path in found:
+            if path not in whole:
+                logger.warning("deleting %s: a checkpoint cut short (no trainer_state.json)", path)
+                shutil.rmtree(path)
+    state.wait_for_everyone()
+    return whole[-1] if whole else None
+
+
+def _train(trainer, folder: str, state: PartialState) -> dict:
+    """Train (from the last whole checkpoint in `folder` if there is one) and save; the run's metrics.
+
+    The checkpoints stay until the stage has finished (`_stage` deletes them): a kill after training resumes at
+    the last step instead of training again."""
+    checkpoint = _last_checkpoint(folder, state) if os.path.isdir(folder) else None
     output = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(folder)
-    if state.is_main_process:
-        for path in glob.glob(os.path.join(folder, "checkpoint-*")):
-            shutil.rmtree(path)  # the final checkpoint is the folder itself
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = {k: v for k, v in (logs[-1] if logs else {}).items() if isinstance(v, (int, float))}
     return {"global_step": output.global_step, "train_loss": output.training_loss, "metrics": output.metrics,
             "last_log": last, "resumed_from": checkpoint, "world_size": trainer.args.world_size}  # fmt: skip
 
 
-def _train_policy(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str):
-    """Fine-tune the BASE model (not the previous policy, paper §3.4) on this round's SFT data."""
+def _seeded(seed: int) -> None:
+    """Seed Python, NumPy and torch before a model initialisation (new heads, resized embeddings, LoRA weights): the
+    RNG state at that point otherwise depends on what the process ran before (an uninterrupted round has searched and
+    trained, a resumed one has not), and a resumed round would start from other weights."""
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def _load_policy(base_model: str, seed: int, tokenizer=None):
+    """The BASE model and its tokenizer with the step markers as tokens (resized embeddings, seeded)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
     from .format import add_step_tokens
 
-    tokenizer = AutoTokenizer.from_pretrained(plan.base_model)
-    model = AutoModelForCausalLM.from_pretrained(plan.base_model, dtype="auto")
-    add_step_tokens(tokenizer, model)  # the markers become single tokens (no-op for the tiny policy)
-    config = SFTConfig(completion_only_loss=True, **_trainer_settings(args, "sft", folder, search))
-    sft = load_dataset_folder(plan.path("sft")).select_columns(["prompt", "completion"])
-    trainer = SFTTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer)
-    info = _train(trainer, folder, state)
-    return {**info, "base_model": plan.base_model, "rows": len(sft)}
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(base_model)
+    _seeded(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto")
+    added = add_step_tokens(tokenizer, model)  # the markers become single tokens (no-op for the tiny policy)
+    return tokenizer, model, added
 
 
-def _train_ppm(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str):
-    """A PPM initialised from this round's policy (paper §3.3): its backbone with a one-output score head."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _load_ppm(policy: str, seed: int, tokenizer):
+    """This round's policy with a new one-output score head (seeded), as `PPMTrainer` trains it."""
+    from transformers import AutoModelForSequenceClassification
 
-    policy = plan.path("policy")
-    tokenizer = AutoTokenizer.from_pretrained(policy)
+    _seeded(seed)
     model = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1, dtype="auto")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
             tokenizer.eos_token_id)  # fmt: skip
+    return model
+
+
+def _module_name(model, module) -> str | None:
+    return next((name for name, candidate in model.named_modules() if candidate is module), None)
+
+
+def _policy_peft_config(lora: RoundModelConfig, model, tokenizer, added: int):
+    """The policy's LoraConfig. Step markers that are new tokens get their embedding rows trained (input, and output
+    if untied; PEFT's `trainable_token_indices`), unless the user trains those modules in full anyway."""
+    from .format import STEP_MARKERS
+
+    config = lora.peft_config("CAUSAL_LM")
+    if config is None or not added:
+        return config
+    ids = tokenizer.convert_tokens_to_ids(list(STEP_MARKERS))
+    layers = [model.get_input_embeddings()]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not layers[0].weight:
+        layers.append(output)
+    in_full = set(config.modules_to_save or [])
+    names = [_module_name(model, layer) for layer in layers]
+    tokens = {name: ids for name in names if name and name.rsplit(".", 1)[-1] not in in_full and name not in in_full}
+    if tokens:
+        config.trainable_token_indices = tokens
+    return config
+
+
+def _merge_adapter(folder: str, load_base) -> dict:
+    """Move the adapter the trainer saved in `folder` to `folder/adapter/` and save base + adapter merged
+    (`merge_and_unload`) as the folder's checkpoint (main process). Returns how the model was trained.
+
+    The merge reloads the base from disk rather than merging the trainer's model in memory, so it works the same
+    whatever the launcher sharded during training."""
+    from peft import PeftModel
+
+    adapter = os.path.join(folder, ADAPTER_DIR)
+    os.makedirs(adapter, exist_ok=True)
+    for name in os.listdir(folder):
+        if name.startswith("adapter_") and os.path.isfile(os.path.join(folder, name)):
+            os.replace(os.path.join(folder, name), os.path.join(adapter, name))
+    merged = PeftModel.from_pretrained(load_base(), adapter).merge_and_unload()
+    merged.save_pretrained(folder)
+    config = _read_json(os.path.join(adapter, "adapter_config.json"))
+    targets = config.get("target_modules")
+    names = [name for name, _ in merged.named_modules()]
+    # PEFT lists "classifier" and "score" for any SEQ_CLS model; keep those the model has, once each.
+    in_full = [m for m in dict.fromkeys(config.get("modules_to_save") or [])
+               if any(name == m or name.endswith(f".{m}") for name in names)]  # fmt: skip
+    return {
+        "method": "lora",
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "lora_dropout": config.get("lora_dropout"),
+        "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+        "target_parameters": config.get("target_parameters"),
+        "modules_to_save": in_full or None,
+        "trainable_token_indices": config.get("trainable_token_indices"),
+        "use_rslora": config.get("use_rslora"),
+        "use_dora": config.get("use_dora"),
+        "merged": True,
+        "adapter": ADAPTER_DIR,
+    }
+
+
+FULL_FINE_TUNE = {"method": "full"}
+
+
+def _train_policy(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str):
+    """Fine-tune the BASE model (not the previous policy, paper §3.4) on this round's SFT data."""
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer, model, added = _load_policy(plan.base_model, search.seed)
+    config = SFTConfig(completion_only_loss=True, **_trainer_settings(args, "sft", folder, search))
+    sft = load_dataset_folder(plan.path("sft")).select_columns(["prompt", "completion"])
+    peft_config = _policy_peft_config(plan.lora, model, tokenizer, added)
+    _seeded(search.seed)  # the LoRA weights are created in the trainer's __init__, before its own set_seed
+    trainer = SFTTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
+                         peft_config=peft_config)  # fmt: skip
+    info = _train(trainer, folder, state)
+    finetuning = FULL_FINE_TUNE
+    if peft_config is not None:
+        del trainer, model
+        gc.collect()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            tokenizer = AutoTokenizer.from_pretrained(folder)  # with the step markers, as trained
+            finetuning = _merge_adapter(folder, lambda: _load_policy(plan.base_model, search.seed, tokenizer)[1])
+        state.wait_for_everyone()
+    return {**info, "base_model": plan.base_model, "rows": len(sft), "finetuning": finetuning}
+
+
+def _train_ppm(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str):
+    """A PPM initialised from this round's policy (paper §3.3): its backbone with a one-output score head."""
+    from transformers import AutoTokenizer
+
+    from .ppm.scorer import write_value_transform
+
+    policy = plan.path("policy")
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    model = _load_ppm(policy, search.seed, tokenizer)
     config = PPMConfig(self_evolution_round=plan.round, **_trainer_settings(args, "ppm", folder, search))
     pairs = load_dataset_folder(plan.path("pairs"))
-    trainer = PPMTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer)
+    peft_config = plan.lora.peft_config("SEQ_CLS")
+    _seeded(search.seed)  # the LoRA weights are created in the trainer's __init__, before its own set_seed
+    trainer = PPMTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer,
+                         peft_config=peft_config)  # fmt: skip
     info = _train(trainer, folder, state)
     trainer.create_model_card(model_name=plan.name("ppm"), dataset_name=plan.repo_ids.get("pairs"))
-    return {**info, "initialised_from": policy, "rows": len(pairs), "dataset_stats": trainer.dataset_stats}
+    info = {**info, "initialised_from": policy, "rows": len(pairs), "dataset_stats": trainer.dataset_stats,
+            "finetuning": FULL_FINE_TUNE}  # fmt: skip
+    if peft_config is not None:
+        del trainer, model
+        gc.collect()
+        state.wait_for_everyone()
+        if state.is_main_process:
+
+            def load():
+                model = _load_ppm(policy, search.seed, tokenizer)
+                write_value_transform(model.config, config.value_transform)  # what the scorers value it with
+                return model
+
+            info["finetuning"] = _merge_adapter(folder, load)
+        state.wait_for_everyone()
+    return info
 
 
 # -- cards -------------------------------------------------------------------------------------------------------
@@ -557,6 +1045,30 @@ def _metrics_table(info: dict) -> str:
     return "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in values.items())
 
 
+def describe_finetuning(info: dict | None) -> str:
+    """How a training stage trained its model, for the cards: full fine-tune, or LoRA with its settings."""
+    if not info:
+        return "-"
+    how = info.get("finetuning", FULL_FINE_TUNE)
+    if how.get("method") != "lora":
+        return "full fine-tune (every weight trained)"
+    targets = how.get("target_modules")
+    targets = ", ".join(targets) if isinstance(targets, list) else targets or "PEFT's default for the architecture"
+    parts = [f"r = {how.get('r')}", f"alpha = {how.get('lora_alpha')}", f"dropout = {how.get('lora_dropout')}",
+             f"target modules: {targets}"]  # fmt: skip
+    if how.get("target_parameters"):
+        parts.append(f"target parameters: {', '.join(how['target_parameters'])}")
+    if how.get("modules_to_save"):
+        parts.append(f"trained in full: {', '.join(how['modules_to_save'])}")
+    if how.get("trainable_token_indices"):
+        layers = how["trainable_token_indices"]
+        layers = ", ".join(layers) if isinstance(layers, dict) else "the input embeddings"
+        parts.append(f"embedding rows of the new step-marker tokens trained in {layers}")
+    variant = "rsLoRA" if how.get("use_rslora") else "DoRA" if how.get("use_dora") else "LoRA"
+    return (f"{variant} ({'; '.join(parts)}), merged into this checkpoint (merge_and_unload); the adapter is in "
+            f"`{how.get('adapter', ADAPTER_DIR)}/`")  # fmt: skip
+
+
 def _card_fields(plan: RoundPlan, infos: dict[str, dict], config: dict) -> dict:
     trees = infos.get("trees", {})
     return {
@@ -572,6 +1084,8 @@ def _card_fields(plan: RoundPlan, infos: dict[str, dict], config: dict) -> dict:
         "num_solved": trees.get("num_solved", "-"),
         "solved_rate": f"{100 * trees['solved_rate']:.1f}%" if trees else "-",
         "solved_history": _solved_history(plan),
+        "policy_training": describe_finetuning(infos.get("policy")),
+        "ppm_training": describe_finetuning(infos.get("ppm")),
         "config": json.dumps(config, indent=2, default=str),
         "citation": RSTAR_MATH_CITATION,
     }
@@ -604,7 +1118,18 @@ def write_cards(plan: RoundPlan, infos: dict[str, dict], config: dict) -> None:
     if "ppm" in infos:
         path = os.path.join(plan.path("ppm"), "README.md")
         trainer_card = open(path).read().split(_LINEAGE_MARKER)[0].rstrip() if os.path.exists(path) else ""
-        _write_card(plan.path("ppm"), trainer_card, lineage)
+        _write_card(plan.path("ppm"), _with_training_row(trainer_card, fields["ppm_training"]), lineage)
+
+
+def _with_training_row(card: str, how: str) -> str:
+    """The PPM trainer's card (hub/ppm_model_card.md) with a `fine-tuning` row after its `objective` row."""
+    if "| fine-tuning |" in card:
+        return card
+    lines = card.split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("| objective |"):
+            return "\n".join([*lines[: i + 1], f"| fine-tuning | {how} |", *lines[i + 1 :]])
+    return card
 
 
 def _front_matter(base_model: str, datasets: list[str]) -> str:
@@ -641,22 +1166,27 @@ class RoundResult:
     is_main_process: bool
 
 
-def run_round(args: RoundArguments, search: MCTSConfig, plan: RoundPlan | None = None) -> RoundResult:
-    """Run (or resume) round `args.round`: each stage whose marker exists is skipped."""
-    plan = plan or plan_round(args, search)
+def run_round(args: RoundArguments, search: MCTSConfig, plan: RoundPlan | None = None,
+              lora: RoundModelConfig | None = None) -> RoundResult:  # fmt: skip
+    """Run (or resume) round `args.round`: a stage finished with the same fingerprint is skipped, a started one
+    resumed, the stages `redo` names (and those after them) are deleted and computed again. `plan` (from
+    `plan_round`) carries the LoRA options; without it, `lora` does."""
+    plan = plan or plan_round(args, search, lora)
     # Without CUDA, the processes `accelerate launch --multi_gpu --num_processes N` starts form a gloo group (its
     # `--cpu` flag starts a single process unless MPI is set up). The first PartialState sets up the group.
     state = PartialState(cpu=not torch.cuda.is_available())
-    config = {"round": asdict(args), "search": asdict(search)}
+    config = {"round": asdict(args), "search": asdict(search), "peft": asdict(plan.lora)}
+    _redo(plan, state)
     if plan.build_tiny:
         with state.main_process_first():  # built once, by the main process, and reused on re-runs
             if not os.path.exists(os.path.join(plan.base_model, "config.json")):
                 _build_tiny_policy(plan.base_model, args.tiny_bootstrap_steps, state.num_processes)
     if search.torch_threads:
         torch.set_num_threads(search.torch_threads)
+    lineage = {"round": plan.round, "base_model": plan.base_model, "search_policy": plan.search_policy,
+               "search_ppm": plan.search_ppm, "dataset": plan.dataset_name, "config": config,
+               "outputs": {}}  # fmt: skip
     if state.is_main_process:
-        lineage = {"round": plan.round, "base_model": plan.base_model, "search_policy": plan.search_policy,
-                   "search_ppm": plan.search_ppm, "dataset": plan.dataset_name, "config": config}  # fmt: skip
         _write_json(os.path.join(plan.round_dir, "round.json"), lineage)
 
     infos: dict[str, dict] = {}
@@ -668,8 +1198,10 @@ def run_round(args: RoundArguments, search: MCTSConfig, plan: RoundPlan | None =
         "ppm": lambda folder: _train_ppm(plan, args, search, state, folder),
     }
     for name, stage in stages.items():
-        infos[name] = _stage(plan, name, state, stage)
+        infos[name] = _stage(plan, args, search, name, state, stage)
         if state.is_main_process:
+            lineage["outputs"][name] = infos[name].get("output_sha256")
+            _write_json(os.path.join(plan.round_dir, "round.json"), lineage)
             write_cards(plan, infos, config)  # also after a skipped stage: a kill may have come before its card
         if name == args.stop_after:
             break

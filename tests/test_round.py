@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,19 +12,21 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 import yaml
 from datasets import Dataset
 
 from rstar_trl.hub import load_dataset_folder
-from rstar_trl.rounds import ARTIFACTS, RoundArguments, RoundSearchConfig, plan_round
+from rstar_trl.rounds import ARTIFACTS, RoundArguments, RoundSearchConfig, StaleStageError, downstream, plan_round
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "recipes" / "round.py")
-# Small budgets: a whole round of the tiny default in well under a minute.
-SMALL = ["--limit", "48", "--num_rollouts", "4", "--num_candidates", "4", "--sft_max_steps", "30",
-         "--ppm_max_steps", "20", "--logging_steps", "5"]  # fmt: skip
+# Small budgets: a whole round of the tiny default in well under a minute. At temperature 1 (the recipe: 0.8) a few
+# of the 48 problems get both correct and wrong answers (about 15 pairs); at 0.8 none did.
+SMALL = ["--limit", "48", "--num_rollouts", "4", "--num_candidates", "4", "--temperature", "1.0",
+         "--sft_max_steps", "30", "--ppm_max_steps", "20", "--logging_steps", "5"]  # fmt: skip
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -39,7 +42,8 @@ def _round(args: list[str], env: dict | None = None, timeout: int = 300) -> subp
 
 
 def _args(run_dir, policy: str | None = None, **overrides) -> tuple[RoundArguments, RoundSearchConfig]:
-    search = RoundSearchConfig(output_dir=str(run_dir), num_rollouts=4, num_candidates=4, max_step_tokens=64)
+    search = RoundSearchConfig(output_dir=str(run_dir), num_rollouts=4, num_candidates=4, max_step_tokens=64,
+                               temperature=1.0)  # fmt: skip
     return RoundArguments(model_name_or_path=policy, **overrides), search
 
 
@@ -294,19 +298,287 @@ def test_two_process_round_one_from_nothing_builds_the_tiny_policy_once(tmp_path
     assert not (tmp_path / "round_1" / "sft").exists()  # --stop_after trees
 
 
+# -- fingerprints, --redo, resume equality, LoRA ----------------------------------------------------------------------
+
+
+def _copy_run(killed_round, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed_round[0], run_dir)
+    return run_dir
+
+
+def _markers(round_dir: Path) -> dict[str, float]:
+    return {path.parent.name: path.stat().st_mtime_ns for path in round_dir.glob("*/DONE.json")}
+
+
+@pytest.mark.slow
+def test_changed_settings_are_refused_naming_each_stage_and_field(killed_round, tmp_path, tiny_policy):
+    run_dir = _copy_run(killed_round, tmp_path)
+    round_dir = run_dir / "round_1"
+    before, lineage = _markers(round_dir), (round_dir / "round.json").read_text()
+    result = _round([*SMALL, "--model_name_or_path", tiny_policy, "--output_dir", str(run_dir), "--num_rollouts", "2",
+                     "--sft_learning_rate", "1e-4", "--pairs_per_side", "1"], timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    message = result.stderr
+    assert "holds work made with other settings or inputs" in message
+    assert f"trees (finished, {round_dir / 'trees'}):" in message and "num_rollouts: 4 -> 2" in message
+    assert "pairs (finished" in message and "pairs_per_side: 2 -> 1" in message
+    assert "policy (finished" in message and "sft_learning_rate: 0.0005 -> 0.0001" in message
+    assert "sft (finished" not in message and "ppm (finished" not in message  # their settings and inputs are unchanged
+    assert "--redo trees " in message  # trees come first: redoing them recomputes every other stage
+    assert "deletes and recomputes trees, sft, pairs, policy, ppm" in message
+    # Refused before any compute: nothing was rewritten, not even the lineage.
+    assert _markers(round_dir) == before and (round_dir / "round.json").read_text() == lineage
+    # A recomputed input makes the stages reading it stale, even with unchanged settings.
+    done = json.loads((round_dir / "sft" / "DONE.json").read_text())
+    done["output_sha256"] = "0" * 64
+    (round_dir / "sft" / "DONE.json").write_text(json.dumps(done))
+    from trl import TrlParser
+
+    argv = ["--config", str(ROOT / "recipes/tiny/round1.yaml"), *SMALL, "--model_name_or_path", tiny_policy,
+            "--output_dir", str(run_dir)]  # fmt: skip
+    with pytest.raises(StaleStageError) as refused:
+        plan_round(*TrlParser((RoundArguments, RoundSearchConfig)).parse_args_and_config(argv))
+    message = str(refused.value)
+    assert re.search(r"policy \(finished.*\n\s+sft: [0-9a-f]{12}\.\.\. -> 0{12}\.\.\.\n", message), message
+    assert "trees (" not in message and "ppm (" not in message and "--redo policy " in message
+
+
+def test_redo_names_the_stages_and_everything_downstream():
+    assert downstream(["trees"]) == list(ARTIFACTS)
+    assert downstream(["sft"]) == ["sft", "policy", "ppm"]
+    assert downstream(["pairs"]) == ["pairs", "ppm"]
+    assert downstream(["policy", "pairs"]) == ["pairs", "policy", "ppm"]
+    assert downstream(["ppm"]) == ["ppm"]
+
+
+def test_bad_redo_values_are_refused(tmp_path, tiny_policy):
+    with pytest.raises(ValueError, match="--redo takes stages among trees, sft, pairs, policy, ppm or `all`, got ppn"):
+        plan_round(*_args(tmp_path, policy=tiny_policy, redo="policy,ppn"))
+    assert plan_round(*_args(tmp_path, policy=tiny_policy, limit=2, redo="all")).redo == list(ARTIFACTS)
+    assert plan_round(*_args(tmp_path, policy=tiny_policy, limit=2, redo="pairs")).redo == ["pairs", "ppm"]
+
+
+@pytest.mark.slow
+def test_lora_round_merges_adapters_into_plain_checkpoints_and_cards_say_so(killed_round, tmp_path, tiny_policy):
+    """--use_peft on a finished round is refused until --redo policy; then LoRA policy and PPM, merged; then an
+    unchanged re-run skips everything."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import TrlParser
+
+    from rstar_trl.ppm import TransformersPPMScorer
+    from rstar_trl.rounds import RoundModelConfig
+
+    run_dir = _copy_run(killed_round, tmp_path)
+    round_dir = run_dir / "round_1"
+    lora = ["--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "q_proj", "v_proj"]
+    command = [*SMALL, "--model_name_or_path", tiny_policy, "--output_dir", str(run_dir), *lora]
+    parser = TrlParser((RoundArguments, RoundSearchConfig, RoundModelConfig))
+    with pytest.raises(StaleStageError) as refused:  # what the script reports as `error: ...`, in-process
+        plan_round(*parser.parse_args_and_config(["--config", str(ROOT / "recipes/tiny/round1.yaml"), *command]))
+    assert "peft.use_peft: False -> True" in str(refused.value) and "--redo policy " in str(refused.value)
+
+    result = _round([*command, "--redo", "policy"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("trees", "sft", "pairs"):
+        assert f"[round 1] {stage}: finished earlier, skipped" in result.stdout
+    assert "--redo: deleted policy, ppm" in result.stdout
+    for stage in ("policy", "ppm"):
+        folder = round_dir / stage
+        info = json.loads((folder / "DONE.json").read_text())
+        assert info["finetuning"]["method"] == "lora" and info["finetuning"]["r"] == 8
+        assert info["finetuning"]["target_modules"] == ["q_proj", "v_proj"]
+        assert info["fingerprint"]["peft.use_peft"] is True and info["fingerprint"]["peft.lora_r"] == 8
+        # A plain checkpoint at the top (what vLLM and the Auto classes load), the adapter beside it.
+        assert (folder / "model.safetensors").exists() and not (folder / "adapter_config.json").exists()
+        assert (folder / "adapter" / "adapter_config.json").exists()
+        assert not (folder / "STARTED.json").exists() and not list(folder.glob("checkpoint-*"))
+        card = (folder / "README.md").read_text()
+        assert "LoRA (r = 8; alpha = 16; dropout = 0.05; target modules: q_proj, v_proj" in card, stage
+        assert "merged into this checkpoint" in card
+    assert "How it was trained: LoRA (r = 8" in (round_dir / "policy" / "README.md").read_text()
+    assert "| fine-tuning | LoRA (r = 8" in (round_dir / "ppm" / "README.md").read_text()
+    assert "trained in full: score)" in (round_dir / "ppm" / "README.md").read_text()  # once, no absent "classifier"
+    assert "| how the PPM was trained | LoRA (r = 8" in (round_dir / "trees" / "README.md").read_text()
+
+    # The merged policy is the base model plus the adapter, and differs from the base model.
+    policy = AutoModelForCausalLM.from_pretrained(round_dir / "policy")
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy)
+    adapted = PeftModel.from_pretrained(base, round_dir / "policy" / "adapter").eval()
+    ids = torch.tensor([[5, 17, 42, 7, 3]])
+    with torch.no_grad():
+        merged_logits, adapted_logits = policy(ids).logits, adapted(ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_policy)(ids).logits
+    assert torch.allclose(merged_logits, adapted_logits, atol=1e-5)
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-3)
+    ppm = AutoModelForSequenceClassification.from_pretrained(round_dir / "ppm")
+    assert ppm.config.num_labels == 1 and "rstar_value_transform" in ppm.config.to_dict()
+    # The merged PPM is the round's policy with the trained score head and the adapter.
+    backbone = AutoModelForSequenceClassification.from_pretrained(round_dir / "policy", num_labels=1)
+    adapted_ppm = PeftModel.from_pretrained(backbone, round_dir / "ppm" / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(ppm(ids).logits, adapted_ppm(ids).logits, atol=1e-5)
+    with TransformersPPMScorer(str(round_dir / "ppm"), device="cpu") as scorer:
+        (value,) = scorer.score(["What is 2 + 3?"], ["# add\nprint(2 + 3)\n<end_of_step>\n"])
+    assert -1 <= value <= 1
+
+    again = _round(command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ARTIFACTS:
+        assert f"[round 1] {stage}: finished earlier, skipped" in again.stdout, stage
+    assert "running" not in again.stdout
+
+
+def _kill_when(args: list[str], path: Path, timeout: float = 300) -> None:
+    """Run the recipe and SIGKILL it as soon as `path` exists (it must appear before the run ends)."""
+    process = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + timeout
+    while not path.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert path.exists(), f"the run ended (or timed out) before {path} appeared"
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_training_resumed_after_kills_ends_with_the_weights_of_an_uninterrupted_round(killed_round, tmp_path,
+                                                                                       tiny_policy):  # fmt: skip
+    """killed_round trained policy and PPM in one go (after the search, in the same process, no checkpoints). Here
+    the same round retrains them with checkpoints every 10 steps and is killed three times: in the policy's training
+    (after its first checkpoint), right after the policy finished (the PPM then starts in a fresh process), and in
+    the PPM's training (after its first checkpoint). The final weights must be those of the uninterrupted run."""
+    import torch
+
+    run_dir = _copy_run(killed_round, tmp_path)
+    round_dir = run_dir / "round_1"
+    command = [*SMALL, "--model_name_or_path", tiny_policy, "--output_dir", str(run_dir), "--save_steps", "10"]
+    _kill_when([*command, "--redo", "policy"], round_dir / "policy" / "checkpoint-10" / "trainer_state.json")
+    assert not (round_dir / "policy" / "DONE.json").exists()
+    _kill_when(command, round_dir / "policy" / "DONE.json")
+    assert not list((round_dir / "ppm").glob("checkpoint-*"))  # the PPM had not checkpointed yet
+    _kill_when(command, round_dir / "ppm" / "checkpoint-10" / "trainer_state.json")
+    assert not (round_dir / "ppm" / "DONE.json").exists()
+    result = _round(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[round 1] ppm: running (resumed)" in result.stdout
+    assert json.loads((round_dir / "ppm" / "DONE.json").read_text())["resumed_from"].endswith("checkpoint-10")
+    for stage in ("policy", "ppm"):
+        expected, got = _weights(killed_round[0] / "round_1" / stage), _weights(round_dir / stage)
+        assert expected.keys() == got.keys()
+        for name in expected:
+            assert torch.allclose(expected[name], got[name], rtol=0, atol=1e-6), (stage, name)
+
+
+def test_model_initialisations_are_seeded(tiny_policy, tmp_path):
+    """The PPM's new score head does not depend on what the process drew from the RNG before."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from rstar_trl.rounds import _load_ppm
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    first = _load_ppm(tiny_policy, 42, tokenizer).score.weight.detach().clone()
+    torch.rand(1000)
+    second = _load_ppm(tiny_policy, 42, tokenizer).score.weight.detach().clone()
+    assert torch.equal(first, second)
+    assert not torch.equal(first, _load_ppm(tiny_policy, 43, tokenizer).score.weight)
+
+
+def _markerless_model(folder: Path) -> str:
+    """A tiny Llama whose tokenizer lacks the step markers (as Qwen2.5-Math's does), with untied output embeddings."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "#", "x", "=", "1", "2", "+", "print", "(", ")", "\n"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="<pad>")  # fmt: skip
+    config = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_lora_trains_the_embeddings_of_new_step_marker_tokens_and_merges_them(tmp_path):
+    import torch
+    from peft import get_peft_model
+
+    from rstar_trl.format import STEP_MARKERS
+    from rstar_trl.rounds import RoundModelConfig, _load_policy, _merge_adapter, _policy_peft_config
+
+    base = _markerless_model(tmp_path / "base")
+    tokenizer, model, added = _load_policy(base, seed=0)
+    assert added == len(STEP_MARKERS) and model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    lora = RoundModelConfig(use_peft=True, lora_r=4, lora_alpha=8)
+    config = _policy_peft_config(lora, model, tokenizer, added)
+    marker_ids = tokenizer.convert_tokens_to_ids(list(STEP_MARKERS))
+    assert config.trainable_token_indices == {"model.embed_tokens": marker_ids, "lm_head": marker_ids}
+    assert _policy_peft_config(lora, model, tokenizer, 0).trainable_token_indices is None  # markers already known
+    peft_model = get_peft_model(model, config)
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.tensor([[3, 4, 5, marker_ids[0], 8, 9, 3, 10, marker_ids[1]]])
+    for _ in range(3):
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.eval()  # no LoRA dropout
+    with torch.no_grad():
+        trained = peft_model(input_ids=ids).logits
+    folder = tmp_path / "policy"
+    peft_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    how = _merge_adapter(str(folder), lambda: _load_policy(base, 0, tokenizer)[1])
+    assert how["method"] == "lora" and how["trainable_token_indices"]
+    merged = type(model).from_pretrained(folder)
+    _, untrained, _ = _load_policy(base, 0)
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, trained, atol=1e-5)
+        new_rows = merged.get_input_embeddings().weight[marker_ids]
+        assert not torch.allclose(new_rows, untrained.get_input_embeddings().weight[marker_ids])
+
+
+def test_lora_options_are_trl_model_config_options():
+    from trl import ModelConfig, TrlParser
+
+    from rstar_trl.rounds import RoundModelConfig
+
+    types, reference_types = get_type_hints(RoundModelConfig), get_type_hints(ModelConfig)
+    for name, option in RoundModelConfig.__dataclass_fields__.items():
+        reference = ModelConfig.__dataclass_fields__[name]
+        assert (types[name], option.default) == (reference_types[name], reference.default), name
+    args, search, lora = TrlParser((RoundArguments, RoundSearchConfig, RoundModelConfig)).parse_args_and_config(
+        ["--use_peft", "--lora_r", "4", "--lora_target_modules", "all-linear"])  # fmt: skip
+    config = lora.peft_config("SEQ_CLS")
+    assert (config.r, config.lora_alpha, config.task_type, config.target_modules) == (4, 32, "SEQ_CLS", "all-linear")
+    assert RoundModelConfig().peft_config("CAUSAL_LM") is None
+
+
 # -- planning and bad input: checked before any compute ------------------------------------------------------------
 
 
 def test_later_rounds_search_with_the_previous_policy_and_from_round_three_its_ppm(tmp_path, tiny_policy):
-    for k in (1, 2):
+    def finish(k: int) -> None:  # stand-ins for round k's policy and PPM (round k + 1 only reads their markers)
         for artifact in ("policy", "ppm"):
             (tmp_path / f"round_{k}" / artifact).mkdir(parents=True)
             (tmp_path / f"round_{k}" / artifact / "DONE.json").write_text("{}")
-    (tmp_path / "round_1" / "round.json").write_text(json.dumps({"base_model": tiny_policy}))
-    (tmp_path / "round_2" / "round.json").write_text(json.dumps({"base_model": tiny_policy}))
+        (tmp_path / f"round_{k}" / "round.json").write_text(json.dumps({"base_model": tiny_policy}))
+
+    finish(1)
     two = plan_round(*_args(tmp_path, round=2, limit=4))
     assert (two.search_policy, two.search_ppm, two.base_model) == (str(tmp_path / "round_1" / "policy"), None,
                                                                   tiny_policy)  # fmt: skip
+    finish(2)
     three = plan_round(*_args(tmp_path, round=3, limit=4))
     assert three.search_policy == str(tmp_path / "round_2" / "policy")
     assert three.search_ppm == str(tmp_path / "round_2" / "ppm")
@@ -364,11 +636,16 @@ def test_the_script_stops_on_bad_input_before_any_compute(tmp_path):
 def test_help_documents_every_option():
     from trl import TrlParser
 
-    help_text = TrlParser((RoundArguments, RoundSearchConfig)).format_help()
-    for name in (*RoundArguments.__dataclass_fields__, *RoundSearchConfig.__dataclass_fields__):
+    from rstar_trl.rounds import RoundModelConfig
+
+    help_text = TrlParser((RoundArguments, RoundSearchConfig, RoundModelConfig)).format_help()
+    options = (*RoundArguments.__dataclass_fields__, *RoundSearchConfig.__dataclass_fields__,
+               *RoundModelConfig.__dataclass_fields__)  # fmt: skip
+    for name in options:
         assert f"--{name}" in help_text, name
-    for field in RoundArguments.__dataclass_fields__.values():
+    for field in (*RoundArguments.__dataclass_fields__.values(), *RoundModelConfig.__dataclass_fields__.values()):
         assert field.metadata.get("help"), field.name
+    assert "--redo" in help_text and "`all`" in help_text
 
 
 def test_shipped_recipes_parse(tmp_path):

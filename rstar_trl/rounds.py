@@ -606,13 +606,19 @@ def _recorded(plan: RoundPlan, name: str) -> tuple[str, dict | None]:
 
 def _differences(recorded: dict | None, current: dict) -> dict[str, tuple]:
     if recorded is None:
-        return {"fingerprint": ("none recorded (made by an older rstar_trl)", "...")}
+        return {"fingerprint": (_Note("none recorded (an older rstar_trl made it)"), _Note("this run's"))}
     return {key: (recorded.get(key), current.get(key)) for key in sorted(set(recorded) | set(current))
             if recorded.get(key) != current.get(key)}  # fmt: skip
 
 
+class _Note(str):
+    """Text of a message that is not a fingerprint value (shown without quotes)."""
+
+
 def _show(value) -> str:
     """A fingerprint value for a message: hashes shortened."""
+    if isinstance(value, _Note):
+        return str(value)
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
     if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):

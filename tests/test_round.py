@@ -342,6 +342,14 @@ def test_changed_settings_are_refused_naming_each_stage_and_field(killed_round, 
     message = str(refused.value)
     assert re.search(r"policy \(finished.*\n\s+sft: [0-9a-f]{12}\.\.\. -> 0{12}\.\.\.\n", message), message
     assert "trees (" not in message and "ppm (" not in message and "--redo policy " in message
+    # A stage finished by an older rstar_trl (no fingerprint) cannot be vouched for either.
+    done = json.loads((round_dir / "pairs" / "DONE.json").read_text())
+    del done["fingerprint"]
+    (round_dir / "pairs" / "DONE.json").write_text(json.dumps(done))
+    with pytest.raises(StaleStageError) as refused:
+        plan_round(*TrlParser((RoundArguments, RoundSearchConfig)).parse_args_and_config(argv))
+    assert "fingerprint: none recorded (an older rstar_trl made it) -> this run's" in str(refused.value)
+    assert "--redo pairs,policy " in str(refused.value)
 
 
 def test_redo_names_the_stages_and_everything_downstream():

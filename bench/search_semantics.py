@@ -73,8 +73,12 @@ def main() -> None:
     tokens = stats["tokens"]
     result = {
         "benchmark": "search_semantics",
-        "settings": {"limit": args.limit, "num_rollouts": args.num_rollouts, "num_candidates": args.num_candidates,
-                     **extra},  # fmt: skip
+        "settings": {
+            "limit": args.limit,
+            "num_rollouts": args.num_rollouts,
+            "num_candidates": args.num_candidates,
+            **extra,
+        },  # fmt: skip
         "problems": len(trees),
         "solved": int(sum(trees["solved"])),
         "solutions": answers["correct"],

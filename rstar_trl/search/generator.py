@@ -130,7 +130,8 @@ class MCTSConfig:
     Args:
         executor_timeout: seconds a step's program may run.
         executor_memory_mb: memory a sandbox worker may add to its start-up footprint.
-        executor_workers: sandbox worker processes (default: number of CPUs).
+        executor_workers: sandbox worker processes (default: the CPUs divided by the processes of the launch on
+            this node).
     """
 
     num_rollouts: int = field(default=8, metadata={"help": "Rollouts per problem (paper: 8 in round 1, 16 later)."})
@@ -219,7 +220,8 @@ class MCTSConfig:
     executor_timeout: float = field(default=10.0, metadata={"help": "Seconds a step's program may run."})
     executor_memory_mb: int = field(default=1024, metadata={"help": "Memory (MB) a sandbox worker may allocate."})
     executor_workers: int | None = field(
-        default=None, metadata={"help": "Sandbox worker processes (default: number of CPUs)."}
+        default=None,
+        metadata={"help": "Sandbox worker processes (default: the CPUs divided by the processes on this node)."},
     )
 
     def __post_init__(self):

@@ -8,7 +8,7 @@ compare them at matched compute (generated tokens per problem). The methods run 
     python recipes/eval.py --config recipes/tiny/eval.yaml --model_name_or_path runs/tiny/round_2/policy \\
         --ppm_path runs/tiny/round_2/ppm --output_dir runs/eval/round_2
     python recipes/eval.py --config recipes/rstar-math/qwen2.5-math-7b/eval.yaml   # the paper's test-time setting
-    python recipes/eval.py --model_name_or_path path/to/policy --dataset ../shared/data/math500/test.jsonl \\
+    python recipes/eval.py --model_name_or_path path/to/policy --dataset HuggingFaceH4/MATH-500 \\
         --backend vllm --gpu_memory_utilization 0.9 --methods greedy maj@64
 
 Methods (see --methods and rstar_trl/solve.py): greedy; maj@K (vote of K samples); best_of_n@N[:last|min|mean|prod]

@@ -27,8 +27,9 @@ from trl import TrlParser
 
 from rstar_trl import MCTSConfig, MCTSGenerator, load_problems, tree_to_html, tree_to_outline
 from rstar_trl.hub import HubPushError, push_folder, render_card, save_dataset_folder
+from rstar_trl.rounds import build_tiny_policy_once
 from rstar_trl.search.tree import TREE_SCHEMA_VERSION
-from rstar_trl.tiny import build_tiny_policy, tiny_splits, to_dataset
+from rstar_trl.tiny import tiny_splits, to_dataset
 
 DEFAULT_OUTPUT_DIR = "runs/generate"
 
@@ -80,7 +81,9 @@ def main(script_args: GenerateArguments, mcts_args: MCTSConfig) -> None:
         model = os.path.join(output_dir, "tiny_policy")
         with state.main_process_first():  # built once (by the main process), reused on re-runs
             if not os.path.exists(os.path.join(model, "config.json")):
-                build_tiny_policy(model, bootstrap_steps=script_args.tiny_bootstrap_steps)
+                # Under a multi-process launch the build runs outside the process group (its trainer would join the
+                # group and wait for the other processes, which wait for the build).
+                build_tiny_policy_once(model, script_args.tiny_bootstrap_steps, state.num_processes)
         if mcts_args.torch_threads is None:  # a 1M-parameter model generates fastest on one thread
             mcts_args.torch_threads = 1
     elif not os.path.exists(model) and os.path.sep in model.rstrip("/") and model.startswith((".", "/")):

@@ -110,7 +110,7 @@ class EvalConfig(TestTimeConfig):
     dataset: str = field(
         default="tiny-test",
         metadata={"help": "Problems with gold answers: 'tiny-test' / 'tiny-train' (embedded synthetic splits), a "
-                  "JSON/JSONL file (e.g. ../shared/data/math500/test.jsonl) or a Hub dataset (e.g. "
+                  "JSON/JSONL file (e.g. path/to/problems.jsonl, the offline path) or a Hub dataset id (e.g. "
                   "HuggingFaceH4/MATH-500)."},
     )  # fmt: skip
     dataset_split: str = field(default="test", metadata={"help": "Split of a Hub dataset or data folder."})

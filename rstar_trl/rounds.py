@@ -711,7 +711,7 @@ _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "
                        "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
 
 
-def _build_tiny_policy(path: str, bootstrap_steps: int, num_processes: int) -> None:
+def build_tiny_policy_once(path: str, bootstrap_steps: int, num_processes: int) -> None:
     """Build the embedded tiny policy at `path` (main process only).
 
     Under a multi-process launch the build runs in a child process outside the process group: its SFTTrainer would
@@ -1186,7 +1186,7 @@ def run_round(args: RoundArguments, search: MCTSConfig, plan: RoundPlan | None =
     if plan.build_tiny:
         with state.main_process_first():  # built once, by the main process, and reused on re-runs
             if not os.path.exists(os.path.join(plan.base_model, "config.json")):
-                _build_tiny_policy(plan.base_model, args.tiny_bootstrap_steps, state.num_processes)
+                build_tiny_policy_once(plan.base_model, args.tiny_bootstrap_steps, state.num_processes)
     if search.torch_threads:
         torch.set_num_threads(search.torch_threads)
     lineage = {"round": plan.round, "base_model": plan.base_model, "search_policy": plan.search_policy,

@@ -130,3 +130,17 @@ def test_two_processes_without_output_dir_gather_in_memory(tiny_policy, referenc
     from datasets import Dataset
 
     _same(Dataset.from_json(out), reference.select_columns(Dataset.from_json(out).column_names))
+
+
+def test_two_processes_from_nothing_build_the_tiny_policy_once(tmp_path):
+    # The README's 2-process CPU command without a model: the main process builds the tiny policy while the other
+    # waits; the build's trainer joined the process group and both processes waited for each other forever.
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines",
+        "1", "--dynamo_backend", "no", "--mixed_precision", "no", RECIPE, "--output_dir", str(tmp_path),
+        "--tiny_bootstrap_steps", "8", "--limit", "6", "--num_rollouts", "1", "--num_candidates", "2",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=420, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((tmp_path / "tiny_policy" / "tiny_policy.json").read_text())["bootstrap_steps"] == 8
+    assert len(load_from_disk(str(tmp_path / "trees"))) == 6

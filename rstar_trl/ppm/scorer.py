@@ -381,12 +381,13 @@ class VLLMPPMScorer(PPMScorer):
             self._owns_engine = False
 
 
-def _engine_hf_config(llm, model) -> PretrainedConfig | str:
-    """The HF config a vLLM engine loaded (it keeps config.json's extra keys), else the checkpoint path."""
+def _engine_hf_config(llm, model) -> PretrainedConfig | str | None:
+    """The HF config a vLLM engine loaded (it keeps config.json's extra keys, such as the value transform); else the
+    checkpoint path (None when neither is known: the legacy transform)."""
     engine = getattr(llm, "llm_engine", None)
     model_config = getattr(engine, "model_config", None) or getattr(getattr(engine, "vllm_config", None),
                                                                      "model_config", None)  # fmt: skip
     hf_config = getattr(model_config, "hf_config", None)
     if hf_config is not None:
         return hf_config
-    return model if isinstance(model, str) else model_config.model
+    return model if isinstance(model, str) else getattr(model_config, "model", None)

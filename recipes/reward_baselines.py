@@ -3,7 +3,8 @@
     python recipes/reward_baselines.py --round_dir runs/tiny/round_2 --loss_type pqm
     python recipes/reward_baselines.py --round_dir runs/tiny/round_2 --loss_type orm
 
-`pqm`: the Q-value regression baseline (MSE of tanh(score) vs each step's Q, `build_step_values`);
+`pqm`: the Q-value regression baseline (MSE of the value tanh(score / value_scale) vs each step's Q,
+`build_step_values`);
 `orm`: the outcome reward model (pairs of whole correct vs wrong trajectories, `build_outcome_pairs`).
 Both start, like the round's PPM, from the round's fine-tuned policy with a one-output head, and train with the
 same settings as the round's PPM (`PPMTrainer` with another `loss_type`). The checkpoint goes to

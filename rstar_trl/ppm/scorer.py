@@ -329,14 +329,15 @@ class VLLMPPMScorer(PPMScorer):
         model: a PPM checkpoint path or Hub id, or a `vllm.LLM` already built with `runner="pooling"`.
         max_length: tokens kept per text (the last ones); None keeps everything.
         prompt_template: see `PPMScorer`.
-        gpu_memory_utilization: share of GPU memory vLLM reserves (on CPU: share of RAM).
+        gpu_memory_utilization: share of GPU memory vLLM reserves (on CPU: share of RAM). Default (None): 0.9 on a
+            GPU, on CPU 0.15 or half the free RAM, whichever is less (`vllm_backend.default_memory_utilization`).
         dtype: model dtype.
         value_transform: override the checkpoint's value transform; default (None): the one its config records.
         engine_kwargs: any other `vllm.LLM` keyword arguments (e.g. tensor_parallel_size, max_model_len).
     """
 
     def __init__(self, model, max_length: int | None = 2048, prompt_template: str = POLICY_PROMPT,
-                 gpu_memory_utilization: float = 0.9, dtype: str = "auto",
+                 gpu_memory_utilization: float | None = None, dtype: str = "auto",
                  value_transform: ValueTransform | Mapping | None = None, **engine_kwargs):  # fmt: skip
         from vllm import LLM
 
@@ -344,6 +345,9 @@ class VLLMPPMScorer(PPMScorer):
         if not self._owns_engine:
             self.llm = model
         else:
+            from ..search.vllm_backend import resolve_memory_utilization
+
+            gpu_memory_utilization = resolve_memory_utilization(gpu_memory_utilization)
             self.llm = LLM(model=model, runner="pooling", gpu_memory_utilization=gpu_memory_utilization,
                            dtype=dtype, **engine_kwargs)  # fmt: skip
         if value_transform is None:

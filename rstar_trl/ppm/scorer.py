@@ -1,4 +1,4 @@
-"""Scoring partial solutions with a trained process preference model (SPEC §5), and the PPM's input format.
+"""Scoring partial solutions with a trained process preference model (paper §3.3, Eq. 4), and the PPM's input format.
 
 The PPM reads one text, `ppm_text(prompt, solution_so_far)`, tokenised as a whole by `_encode`; its raw score `r`
 is the score head at the text's last token, and its value is `tanh(r / scale)` (`value_from_score`), with the

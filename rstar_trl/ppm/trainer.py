@@ -1,4 +1,4 @@
-"""`PPMTrainer`: the process preference model of rStar-Math (SPEC §5) on TRL's `RewardTrainer`.
+"""`PPMTrainer`: the process preference model of rStar-Math (paper §3.3, Eq. 4) on TRL's `RewardTrainer`.
 
 The PPM is the policy with its LM head replaced by a linear score head (`AutoModelForSequenceClassification`,
 num_labels=1). The raw score r of prefix + step is read at the step's last token; the value used by MCTS is
@@ -103,7 +103,7 @@ class PPMConfig(RewardConfig):
             head trained end to end) instead of the raw scores r. Training only: the value is tanh(r /
             value_scale) either way. `"pqm"` always regresses the value.
         self_evolution_round (`int`, *optional*):
-            The self-evolution round the PPM belongs to (SPEC §6); shown on the model card.
+            The self-evolution round the PPM belongs to (paper §3.4); shown on the model card.
 
         > Parameters that control the data preprocessing and batching
 
@@ -116,7 +116,7 @@ class PPMConfig(RewardConfig):
             pair, like `RewardTrainer`).
 
     > [!NOTE]
-    > Defaults that differ from [`trl.RewardConfig`], after the paper (SPEC §5): `learning_rate` 7e-6 instead of
+    > Defaults that differ from [`trl.RewardConfig`], after the paper (§3.3-3.4): `learning_rate` 7e-6 instead of
     > 1e-4, `num_train_epochs` 1 instead of 3, `max_length` 2048 instead of 1024.
     """
 
@@ -166,7 +166,7 @@ class PPMConfig(RewardConfig):
     )
     self_evolution_round: int | None = field(
         default=None,
-        metadata={"help": "The self-evolution round the PPM belongs to (SPEC §6); shown on the model card."},
+        metadata={"help": "The self-evolution round the PPM belongs to (paper §3.4); shown on the model card."},
     )
 
     def __post_init__(self):
@@ -340,7 +340,7 @@ def _tokenize(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, loss_t
 
 
 class PPMTrainer(RewardTrainer):
-    """Trainer of the process preference model (SPEC §5), with the ORM and PQM baselines.
+    """Trainer of the process preference model (paper §3.3, Eq. 4), with the ORM and PQM baselines.
 
     Use it like [`trl.RewardTrainer`]:
 
@@ -363,7 +363,7 @@ class PPMTrainer(RewardTrainer):
     full copy of the score head (`"score"` is added to `modules_to_save`); `trainer.model.merge_and_unload()` then
     `save_pretrained` gives the standard checkpoint.
 
-    Losses, with per-example weights `w` (column `weight`, default 1; SPEC Eq. 4 uses 1 / (n_pos * n_neg)):
+    Losses, with per-example weights `w` (column `weight`, default 1; Eq. 4 uses 1 / (n_pos * n_neg)):
 
     - `"ppm"` / `"orm"`: `sum(w * -log sigmoid(x(chosen) - x(rejected))) / sum(w)` (Eq. 4), where `x` is the raw
       score `r`, as the public code and `RewardTrainer` do, or with `args.train_through_tanh` the value

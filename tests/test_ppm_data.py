@@ -39,7 +39,8 @@ def pairs_of(dataset):
 
 def two_by_two_tree():
     """Root children, PPM-initialised so their Q-values differ: three lead to a correct answer (Q 0.75, 0.5,
-    0.625), three to a wrong one (Q -0.75, -0.625, -0.5), one ends in code errors with the lowest Q (-0.875)."""
+    0.625), three to a wrong one (Q -0.75, -0.625, -0.5), one ends in code errors with the lowest Q (-1: a dead end is
+    valued -1 alone)."""
     tree = SearchTree(QUESTION, "5")
     nodes = {}
     for name, ppm, correct in [("A", 0.5, True), ("B", 0.0, True), ("C", 0.25, True),
@@ -57,7 +58,7 @@ def two_by_two_tree():
 def test_step_pairs_take_the_top_two_correct_and_bottom_two_wrong_children_with_weight_one_quarter():
     tree, n = two_by_two_tree()
     assert (n["A"].Q, n["B"].Q, n["C"].Q) == (0.75, 0.5, 0.625)
-    assert (n["D"].Q, n["E"].Q, n["F"].Q, n["G"].Q) == (-0.75, -0.625, -0.5, -0.875)
+    assert (n["D"].Q, n["E"].Q, n["F"].Q, n["G"].Q) == (-0.75, -0.625, -0.5, -1.0)
     pairs = build_preference_pairs([tree], final_step_pairs=False)
     expected = [("A", "D"), ("A", "E"), ("C", "D"), ("C", "E")]
     assert pairs_of(pairs) == [(n[p].id, n[q].id) for p, q in expected]
@@ -178,23 +179,25 @@ def test_pair_builders_reject_bad_sizes():
 
 
 def sft_tree():
-    """Correct two-step solutions with PPM-initialised Q: step Q = (x + 1) / 2, answer Q = (y + 1) / 2."""
+    """Correct three-node solutions (two steps, then the answer) with PPM-initialised steps: step Q = (x + 1) / 2,
+    answer Q = 1 (an answer is valued by correctness alone)."""
     tree = SearchTree(QUESTION, "5")
     ends = {}
-    for name, x, y in [("tie_first", 0.0, 1.0), ("tie_second", 1.0, 0.0), ("higher_min", 0.5, 0.5),
-                       ("best", 1.0, 1.0)]:  # fmt: skip
-        ends[name] = answer(tree, step(tree, tree.root, name, x), 5, True, ppm=y)
-    answer(tree, step(tree, tree.root, "wrong", 1.0), 6, False, ppm=1.0)
+    for name, x1, x2 in [("tie_first", 0.0, 1.0), ("tie_second", 1.0, 0.0), ("higher_min", 0.5, 0.5),
+                         ("best", 1.0, 1.0)]:  # fmt: skip
+        first = step(tree, tree.root, name, x1)
+        ends[name] = answer(tree, step(tree, first, f"{name} again", x2), 5, True)
+    answer(tree, step(tree, step(tree, tree.root, "wrong", 1.0), "wrong again", 1.0), 6, False)
     return tree, ends
 
 
 def test_sft_keeps_the_top_k_correct_trajectories_by_mean_then_min_q_then_node_id():
     tree, ends = sft_tree()
-    # mean step Q: best 1.0; the other three 0.75; min step Q: higher_min 0.75, the ties 0.5
+    # mean step Q: best 1.0; the other three 2.5 / 3; min step Q: higher_min 0.75, the ties 0.5
     sft = build_sft_dataset([tree], top_k=4)
     assert sft["completion"] == [tree.trajectory_text(ends[name])
                                  for name in ("best", "higher_min", "tie_first", "tie_second")]  # fmt: skip
-    assert sft["mean_q"] == [1.0, 0.75, 0.75, 0.75]
+    assert sft["mean_q"] == pytest.approx([1.0, 2.5 / 3, 2.5 / 3, 2.5 / 3])
     assert sft["min_q"] == [1.0, 0.75, 0.5, 0.5]
     assert build_sft_dataset([tree])["completion"] == sft["completion"][:2]  # default top_k = 2
 
@@ -204,7 +207,7 @@ def test_sft_prompt_plus_completion_is_the_text_the_policy_wrote_after():
     row = build_sft_dataset([tree], top_k=1)[0]
     path = ends["best"].path()
     assert row["prompt"] == PROMPT
-    assert row["prompt"] + row["completion"] == PROMPT + path[0].text + path[1].text
+    assert row["prompt"] + row["completion"] == PROMPT + "".join(node.text for node in path)
     assert build_sft_dataset([tree], top_k=1, prompt_template="few_shot")[0]["prompt"] == format_prompt(
         QUESTION, FEW_SHOT_PROMPT
     )

@@ -54,3 +54,19 @@ def vllm_engine(tiny_policy):
     from rstar_trl.search.vllm_backend import shutdown_engine
 
     shutdown_engine(engine)  # two engines left to interpreter teardown abort the run (exit 134)
+
+
+@pytest.fixture(scope="session")
+def ppm_path(tiny_policy, tmp_path_factory) -> str:
+    """An untrained PPM checkpoint in the format PPMTrainer saves (the tiny policy's backbone with a fresh one-output
+    score head): arbitrary but fixed values, which is all selection by PPM score needs. Test files that need a
+    trained PPM define their own `ppm_path`."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = str(tmp_path_factory.mktemp("ppm"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_policy, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

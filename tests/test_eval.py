@@ -9,7 +9,6 @@ import sys
 import pytest
 from datasets import Dataset
 from replay import ReplayBackend
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rstar_trl import PythonExecutor, TransformersPPMScorer, format_prompt, grade_answer
 from rstar_trl.evaluation import (
@@ -34,19 +33,6 @@ def problems() -> Dataset:
     # The briefly bootstrapped test policy solves some of the shortest problems: results are neither all right
     # nor all wrong.
     return to_dataset([p for p in tiny_splits()["test"] if p["level"] <= 2][:6])
-
-
-@pytest.fixture(scope="module")
-def ppm_path(tiny_policy, tmp_path_factory) -> str:
-    """A PPM checkpoint in the format PPMTrainer saves (the policy backbone with a fresh one-output score head).
-    Its values are arbitrary but fixed, which is all selection by PPM score needs."""
-    path = str(tmp_path_factory.mktemp("ppm"))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_policy, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 # -- settings and inputs ----------------------------------------------------------------------------------------

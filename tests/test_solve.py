@@ -8,7 +8,6 @@ from collections import Counter
 import pytest
 from datasets import Dataset
 from replay import ReplayBackend
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rstar_trl import grade_answer
 from rstar_trl.evaluation import EvalConfig, Evaluator
@@ -279,19 +278,6 @@ def test_the_solver_names_bad_input():
 
 
 # -- end to end on the tiny policy ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ppm_path(tiny_policy, tmp_path_factory) -> str:
-    """A PPM checkpoint in the format PPMTrainer saves (the policy backbone with a fresh one-output score head):
-    arbitrary but fixed values, which is all selection by PPM score needs."""
-    path = str(tmp_path_factory.mktemp("ppm"))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_policy, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.mark.slow

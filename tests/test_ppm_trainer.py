@@ -388,3 +388,35 @@ def test_scorer_keeps_the_last_max_length_tokens(tokenizer):
     ids = tokenizer(format_prompt(question) + partial, return_tensors="pt")["input_ids"][:, -32:]
     with torch.no_grad():
         assert values[0] == pytest.approx(math.tanh(model(input_ids=ids).logits[0, 0].item()), abs=1e-5)
+
+
+def _build(tokenizer, tmp_path, dataset):
+    return PPMTrainer(_model(tokenizer), args=_args(tmp_path), train_dataset=dataset, processing_class=tokenizer)
+
+
+def test_an_empty_dataset_is_a_clear_error(tokenizer, tmp_path):
+    empty = datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    with pytest.raises(ValueError, match="train dataset is empty"):
+        _build(tokenizer, tmp_path, empty)
+
+
+def test_a_dataset_emptied_by_the_filters_is_a_clear_error(tokenizer, tmp_path):
+    identical = datasets.Dataset.from_list([{"prompt": "Q: 1 + 1\n", "chosen": "x = 2\n", "rejected": "x = 2\n"}] * 3)
+    with pytest.raises(ValueError, match="every example of the train dataset was dropped.*dropped_identical': 3"):
+        _build(tokenizer, tmp_path, identical)
+
+
+def test_conversational_data_is_refused_with_what_to_do(tokenizer, tmp_path):
+    row = {"prompt": [{"role": "user", "content": "1 + 1?"}], "chosen": [{"role": "assistant", "content": "2"}],
+           "rejected": [{"role": "assistant", "content": "3"}]}  # fmt: skip
+    with pytest.raises(ValueError, match="conversational.*apply_chat_template"):
+        _build(tokenizer, tmp_path, datasets.Dataset.from_list([row]))
+
+
+def test_implicit_prompt_and_margin_columns_are_refused_with_the_reason(tokenizer, tmp_path):
+    implicit = datasets.Dataset.from_list([{"chosen": "Q: 1 + 1\nx = 2\n", "rejected": "Q: 1 + 1\nx = 3\n"}])
+    with pytest.raises(ValueError, match="explicit prompt"):
+        _build(tokenizer, tmp_path, implicit)
+    margin = datasets.Dataset.from_list([{"prompt": "Q\n", "chosen": "x = 2\n", "rejected": "x = 3\n", "margin": 1.0}])
+    with pytest.raises(ValueError, match="'margin' column"):
+        _build(tokenizer, tmp_path, margin)

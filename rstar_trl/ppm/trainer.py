@@ -380,6 +380,12 @@ class PPMTrainer(RewardTrainer):
     many as the longer step leaves room for). The counts are logged and kept in
     `trainer.dataset_stats[name]` (not for `IterableDataset`s). A tokenizer without pad token gets its eos token.
 
+    Where it differs from `RewardTrainer`: the prompt must be explicit (a `prompt` column, the prefix both sides
+    share; implicit-prompt pairs are refused), data must be plain text (conversational data is refused: render it
+    with the chat template first), a `margin` column is refused (Eq. 4 has none; use `weight` for per-pair weights),
+    and an empty dataset, or one the filters above empty, is an error naming the counts. A pair is one packed row
+    (prefix once, both steps), and the loss is normalised by the weights of the whole optimizer step.
+
     Logged metrics (train and eval, unweighted means over examples): `accuracy` (pair accuracy), `margin`,
     `chosen_score`, `rejected_score` (raw scores); for `"pqm"`: `mse` (of the value against the label) and
     `value`.
@@ -489,10 +495,32 @@ class PPMTrainer(RewardTrainer):
         required = ["prompt", *step_columns, *(["label"] if args.loss_type == "pqm" else [])]
         missing = [c for c in required if c not in columns]
         if missing:
+            hint = (
+                " PPMTrainer needs an explicit prompt (the question and the steps before the pair, which both sides"
+                " share); RewardTrainer's implicit-prompt data (the prefix repeated inside chosen and rejected) is"
+                " not supported: split it off, or build pairs with rstar_trl.build_preference_pairs."
+                if "prompt" in missing else ""
+            )  # fmt: skip
             raise ValueError(
                 f"the {dataset_name} dataset lacks column(s) {missing}: loss_type={args.loss_type!r} needs "
-                f"{required} (and optionally 'weight'); it has {columns}"
+                f"{required} (and optionally 'weight'); it has {columns}.{hint}"
             )
+        if "margin" in columns:
+            raise ValueError(
+                f"the {dataset_name} dataset has a 'margin' column, which PPMTrainer does not support (Eq. 4 has no "
+                "margin; RewardTrainer's margin loss is not implemented here): remove the column, or use 'weight' "
+                "for per-pair weights"
+            )
+        if isinstance(dataset, Dataset):
+            if len(dataset) == 0:
+                raise ValueError(f"the {dataset_name} dataset is empty: there are no pairs to train on")
+            first = dataset[0]
+            if any(isinstance(first[c], (list, dict)) for c in ["prompt", *step_columns]):
+                raise ValueError(
+                    f"the {dataset_name} dataset is conversational (its 'prompt' or step columns hold messages), "
+                    "which PPMTrainer does not support: the PPM reads the policy's own text format. Render the "
+                    "messages to text first (e.g. tokenizer.apply_chat_template(..., tokenize=False))"
+                )
         map_kwargs: dict[str, Any] = {}
         if isinstance(dataset, Dataset):  # `IterableDataset.map` takes neither
             map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Tokenizing {dataset_name} dataset"}
@@ -511,6 +539,12 @@ class PPMTrainer(RewardTrainer):
                 input_columns="_ppm_status",
                 batched=True,
                 **map_kwargs,
+            )
+        if isinstance(dataset, Dataset) and len(dataset) == 0:
+            stats = getattr(self, "dataset_stats", {}).get(dataset_name)
+            raise ValueError(
+                f"every example of the {dataset_name} dataset was dropped as unusable (empty or identical sides, or a "
+                f"step longer than max_length={args.max_length}): {stats}"
             )
         return dataset.remove_columns("_ppm_status")
 

@@ -420,3 +420,35 @@ def test_implicit_prompt_and_margin_columns_are_refused_with_the_reason(tokenize
     margin = datasets.Dataset.from_list([{"prompt": "Q\n", "chosen": "x = 2\n", "rejected": "x = 3\n", "margin": 1.0}])
     with pytest.raises(ValueError, match="'margin' column"):
         _build(tokenizer, tmp_path, margin)
+
+
+def test_gradient_checkpointing_gives_the_same_update(tokenizer, tmp_path):
+    # The recipes' 7B path trains with gradient checkpointing: on CPU it must give the plain update (same loss, same
+    # gradient), through the packed prefix|chosen|rejected rows and their block attention mask.
+    pairs = _HAND_PAIRS.select([0, 2])
+    updates = []
+    for checkpointing in (False, True):
+        model = _model(tokenizer)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        args = _args(tmp_path / str(checkpointing), max_steps=1, optim="sgd", learning_rate=1.0,
+                     lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+                     gradient_checkpointing=checkpointing)  # fmt: skip
+        trainer = PPMTrainer(model, args=args, train_dataset=pairs, processing_class=tokenizer)
+        trainer.train()
+        updates.append((trainer.state.log_history[0]["loss"],
+                        {name: p.detach() - before[name] for name, p in model.named_parameters()}))  # fmt: skip
+    (loss_plain, plain), (loss_ckpt, ckpt) = updates
+    assert loss_ckpt == pytest.approx(loss_plain, rel=1e-5)
+    assert any(float(u.abs().max()) > 0 for u in plain.values())
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_default_precision_trains_on_cpu(tokenizer, tmp_path):
+    # PPMConfig's own precision default (bf16 unless told otherwise on a GPU) must still train on a CPU-only machine.
+    args = _args(tmp_path, max_steps=1)
+    defaults = PPMConfig(output_dir=str(tmp_path / "defaults"), use_cpu=True, report_to="none")
+    args.bf16, args.fp16 = defaults.bf16, defaults.fp16
+    trainer = PPMTrainer(_model(tokenizer), args=args, train_dataset=_pairs(8, seed=0), processing_class=tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 1 and math.isfinite(trainer.state.log_history[0]["loss"])

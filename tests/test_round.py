@@ -1,6 +1,5 @@
 """The self-evolution round recipe (`recipes/round.py`, `rstar_trl.rounds`): stages, resume, cards, Hub, bad input."""
 
-import base64
 import json
 import os
 import re
@@ -8,15 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import get_type_hints
 
 import pytest
-import yaml
 from datasets import Dataset
+from fake_hub import FakeHub
 
 from rstar_trl.hub import load_dataset_folder
 from rstar_trl.rounds import ARTIFACTS, RoundArguments, RoundSearchConfig, StaleStageError, downstream, plan_round
@@ -127,95 +124,40 @@ def test_cards_carry_lineage_sizes_solved_rate_config_and_citation(killed_round,
     assert cards["ppm"].count("Self-evolution lineage") == 1
 
 
-class _FakeHub(BaseHTTPRequestHandler):
-    """FAKE HUB SERVER: stands in for the Hugging Face Hub's HTTP API (card metadata check, create repo, preupload,
-    commit) so that the real `huggingface_hub` client code runs; it records what it receives and stores nothing
-    else."""
-
-    repos: list[dict] = []
-    cards: list[dict | None] = []
-    commits: dict[str, dict[str, bytes]] = {}
-    unknown: list[str] = []
-
-    def log_message(self, *args):
-        pass
-
-    def _reply(self, body: dict, status: int = 200) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        endpoint = f"http://{self.headers['Host']}"
-        parts = self.path.split("?")[0].strip("/").split("/")
-        if parts == ["api", "validate-yaml"]:  # the Hub checks a card's YAML metadata before the commit
-            content = json.loads(body)["content"]
-            metadata = yaml.safe_load(content.split("---")[1]) if content.startswith("---") else None
-            self.cards.append(metadata)
-            errors = [] if isinstance(metadata, dict) else [{"message": "no YAML metadata"}]
-            return self._reply({"errors": errors, "warnings": []}, 200 if not errors else 400)
-        if parts == ["api", "repos", "create"]:
-            payload = json.loads(body)
-            self.repos.append(payload)
-            prefix = "" if payload.get("type") in (None, "model") else f"{payload['type']}s/"
-            return self._reply({"url": f"{endpoint}/{prefix}{payload['organization']}/{payload['name']}"})
-        if len(parts) == 6 and parts[0] == "api" and parts[4] == "preupload":
-            files = json.loads(body)["files"]
-            return self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                          for f in files]})  # fmt: skip
-        if len(parts) == 6 and parts[0] == "api" and parts[4] == "commit":
-            repo = f"{parts[1]}/{parts[2]}/{parts[3]}"
-            files = {}
-            for line in body.decode().splitlines():
-                item = json.loads(line)
-                if item["key"] == "file":
-                    files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-            self.commits[repo] = files
-            return self._reply({"commitUrl": f"{endpoint}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40,
-                                "pullRequestUrl": None})  # fmt: skip
-        self.unknown.append(f"POST {self.path}")
-        self._reply({"error": "not faked"}, 404)
-
-    def do_GET(self):
-        self.unknown.append(f"GET {self.path}")
-        self._reply({"error": "not faked"}, 404)
-
-
 @pytest.fixture
 def fake_hub():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
-    _FakeHub.repos, _FakeHub.cards, _FakeHub.commits, _FakeHub.unknown = [], [], {}, []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", _FakeHub
-    server.shutdown()
+    with FakeHub() as hub:  # the shared local fake of the Hub's HTTP API, git-LFS path included (tests/fake_hub.py)
+        yield hub
 
 
 @pytest.mark.slow
 def test_push_uploads_each_artifact_with_its_card_to_its_repo(killed_round, fake_hub, tmp_path, tiny_policy):
-    endpoint, hub = fake_hub
+    hub = fake_hub
     run_dir = tmp_path / "run"
     shutil.copytree(killed_round[0], run_dir)
     hub_args = ["--push_to_hub", "--hub_org", "test-org", "--hub_run_name", "tiny"]
     result = _round([*SMALL, "--model_name_or_path", tiny_policy, "--output_dir", str(run_dir), *hub_args],
-                    env=_env(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_TOKEN="hf_fake_token"))  # fmt: skip
+                    env=_env(**hub.env()))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for artifact in ARTIFACTS:
         assert f"[round 1] {artifact}: finished earlier, skipped" in result.stdout  # nothing is recomputed
-    created = {(r["organization"], r["name"], r.get("type")) for r in hub.repos}
+    created = {(r["organization"], r["name"], r.get("type")) for r in hub.created}
     assert created == {("test-org", f"tiny-round1-{a}", "dataset" if a in ("trees", "sft", "pairs") else "model")
                        for a in ARTIFACTS}  # fmt: skip
-    assert not [request for request in hub.unknown if request.startswith("POST")]  # optional GETs may 404
-    assert len(hub.cards) == 5 and all("rstar-math" in card["tags"] for card in hub.cards)
-    policy = hub.commits["models/test-org/tiny-round1-policy"]
-    assert {"README.md", "model.safetensors", "config.json", "tokenizer.json"} <= set(policy)
-    assert b"`test-org/tiny-round1-sft`" in policy["README.md"]  # cards name the Hub repos when pushing
-    pairs = hub.commits["datasets/test-org/tiny-round1-pairs"]
-    assert "data/train-00000-of-00001.parquet" in pairs and b"tiny-round1-trees" in pairs["README.md"]
+    assert not hub.unknown and not hub.rejected
+    assert hub.cards and all("rstar-math" in card["tags"] for card in hub.cards)  # every card checked has its tags
+    for artifact in ARTIFACTS:  # and every repo got its card
+        kind = "dataset" if artifact in ("trees", "sft", "pairs") else "model"
+        assert b"rstar-math" in hub.last_commit(kind, f"test-org/tiny-round1-{artifact}")["regular"]["README.md"]
+    policy = hub.last_commit("model", "test-org/tiny-round1-policy")
+    assert {"README.md", "config.json", "tokenizer.json"} <= set(policy["regular"])
+    assert "model.safetensors" in policy["lfs"]  # large files go through git-LFS, checked by sha256
+    weights = (run_dir / "round_1" / "policy" / "model.safetensors").read_bytes()
+    assert hub.lfs_objects[policy["lfs"]["model.safetensors"]["oid"]] == weights
+    assert b"`test-org/tiny-round1-sft`" in policy["regular"]["README.md"]  # cards name the Hub repos when pushing
+    pairs = hub.last_commit("dataset", "test-org/tiny-round1-pairs")
+    assert "data/train-00000-of-00001.parquet" in pairs["lfs"]
+    assert b"tiny-round1-trees" in pairs["regular"]["README.md"]
     assert "models/test-org/tiny-round1-ppm" in hub.commits and "datasets/test-org/tiny-round1-trees" in hub.commits
     assert "pushed policy" in result.stdout
 

@@ -107,8 +107,6 @@ def test_mcts_with_a_ppm_initialises_q_by_eq_3(tiny_policy, ppm_path, problems):
             assert math.isclose(node.value_sum, node.ppm_score + sum(d.reward for d in below), abs_tol=1e-9)
             checked += 1
         sample = [n for n in tree.nodes[1:] if n.ppm_score is not None][:3]
-        if not sample:
-            continue
         fresh = scorer.score([tree.question] * len(sample), [tree.trajectory_text(n) for n in sample])
         assert fresh == pytest.approx([n.ppm_score for n in sample], abs=1e-5)
     assert checked > 0 and terminals > 0  # both kinds of node were checked

@@ -221,3 +221,9 @@ def test_vllm_scorer_reads_the_transform_from_the_checkpoint(tokenizer, tmp_path
         values = scorer.score(QUESTIONS, PARTIALS)
     assert values == pytest.approx([math.tanh(r / 5.0) for r in raw], abs=1e-3)
     assert max(abs(v - math.tanh(r)) for v, r in zip(values, raw)) > 0.05
+
+
+def test_an_empty_call_scores_nothing(tokenizer, tmp_path):
+    # A wave whose new nodes are all answers (with a gold answer) has nothing to score; the scorer must say [].
+    path = _save(_model(tokenizer), tokenizer, tmp_path / "ppm")
+    assert TransformersPPMScorer(path, device="cpu").score([], []) == []

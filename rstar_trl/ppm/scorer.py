@@ -156,7 +156,10 @@ def ppm_text(prompt: str, solution: str) -> str:
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of whole PPM texts, special tokens included (what vLLM's pooling runner does with a text)."""
+    """Token ids of whole PPM texts, special tokens included (what vLLM's pooling runner does with a text). No texts
+    give no ids (a fast tokenizer raises on an empty batch), so every scorer answers an empty call with []."""
+    if not texts:
+        return []
     return tokenizer(list(texts), add_special_tokens=True)["input_ids"]
 
 

@@ -27,7 +27,7 @@ from trl import TrlParser
 
 from rstar_trl import MCTSConfig, MCTSGenerator, load_problems, tree_to_html, tree_to_outline
 from rstar_trl.hub import HubPushError, push_folder, render_card, save_dataset_folder
-from rstar_trl.rounds import build_tiny_policy_once
+from rstar_trl.rounds import provide_tiny_policy_once
 from rstar_trl.search.tree import TREE_SCHEMA_VERSION
 from rstar_trl.tiny import tiny_splits, to_dataset
 
@@ -57,8 +57,15 @@ class GenerateArguments:
     )  # fmt: skip
     limit: int | None = field(default=64, metadata={"help": "Search only the first N problems (None: all)."})
     tiny_bootstrap_steps: int = field(
-        default=600, metadata={"help": "Bootstrap training steps of the tiny policy (only without a model)."}
-    )
+        default=600,
+        metadata={"help": "Bootstrap training steps of the tiny policy (only without a model). With the default "
+                  "(600) the policy shipped with rstar_trl is copied; any other value builds one."},
+    )  # fmt: skip
+    tiny_build_policy: bool = field(
+        default=False,
+        metadata={"help": "Build the tiny policy from scratch (python -m rstar_trl.tiny) even when the shipped one "
+                  "matches --tiny_bootstrap_steps."},
+    )  # fmt: skip
     push_to_hub: bool = field(
         default=False, metadata={"help": "Push the trees dataset (parquet + dataset card) to the Hub at the end."}
     )
@@ -79,11 +86,13 @@ def main(script_args: GenerateArguments, mcts_args: MCTSConfig) -> None:
     model = script_args.model_name_or_path
     if model is None:
         model = os.path.join(output_dir, "tiny_policy")
-        with state.main_process_first():  # built once (by the main process), reused on re-runs
+        with state.main_process_first():  # provided once (by the main process), reused on re-runs
             if not os.path.exists(os.path.join(model, "config.json")):
-                # Under a multi-process launch the build runs outside the process group (its trainer would join the
-                # group and wait for the other processes, which wait for the build).
-                build_tiny_policy_once(model, script_args.tiny_bootstrap_steps, state.num_processes)
+                # A copy of the shipped policy, or a build; under a multi-process launch a build runs outside the
+                # process group (its trainer would join the group and wait for the other processes).
+                provide_tiny_policy_once(
+                    model, script_args.tiny_bootstrap_steps, state.num_processes, build=script_args.tiny_build_policy
+                )
         if mcts_args.torch_threads is None:  # a 1M-parameter model generates fastest on one thread
             mcts_args.torch_threads = 1
     elif not os.path.exists(model) and os.path.sep in model.rstrip("/") and model.startswith((".", "/")):
@@ -95,6 +104,7 @@ def main(script_args: GenerateArguments, mcts_args: MCTSConfig) -> None:
     if script_args.limit is not None:
         problems = problems.select(range(min(script_args.limit, len(problems))))
 
+    mcts_args.gather_trees = "main"  # only the main process writes the trees: the others need not hold them
     with MCTSGenerator(model, args=mcts_args, train_dataset=problems) as generator:
         trees = generator.generate()
     if not state.is_main_process:

@@ -53,6 +53,7 @@ from .solve import (
     select_top,
     weighted_vote,
 )
+from .stats import wilson_interval
 
 __all__ = [
     "EvalConfig",
@@ -76,7 +77,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TINY_DATASETS = {"tiny-test": "test", "tiny-train": "train"}
+TINY_DATASETS = {"tiny-test": "test", "tiny-validation": "validation", "tiny-train": "train"}
 
 
 @dataclass
@@ -89,7 +90,8 @@ class EvalConfig(TestTimeConfig):
 
     Args:
         methods: method strings, each with its budget (see the module docstring and `rstar_trl.solve`).
-        dataset: "tiny-test" / "tiny-train" (the embedded synthetic splits), a JSON/JSONL file or a Hub dataset.
+        dataset: "tiny-test" / "tiny-validation" / "tiny-train" (the embedded synthetic splits), a JSON/JSONL file
+            or a Hub dataset.
         dataset_split: split of a Hub dataset.
         limit: evaluate only the first `limit` problems.
         output_dir: folder of results.json, results.md and accuracy_vs_tokens.png.
@@ -109,8 +111,9 @@ class EvalConfig(TestTimeConfig):
     )  # fmt: skip
     dataset: str = field(
         default="tiny-test",
-        metadata={"help": "Problems with gold answers: 'tiny-test' / 'tiny-train' (embedded synthetic splits), a "
-                  "JSON/JSONL file (e.g. path/to/problems.jsonl, the offline path) or a Hub dataset id (e.g. "
+        metadata={"help": "Problems with gold answers: 'tiny-test' / 'tiny-validation' / 'tiny-train' (embedded "
+                  "synthetic splits; choose settings on validation, report on test), a JSON/JSONL file (e.g. "
+                  "path/to/problems.jsonl, the offline path) or a Hub dataset id (e.g. "
                   "HuggingFaceH4/MATH-500)."},
     )  # fmt: skip
     dataset_split: str = field(default="test", metadata={"help": "Split of a Hub dataset or data folder."})
@@ -140,8 +143,8 @@ class EvalConfig(TestTimeConfig):
 
 
 def load_eval_problems(dataset: str, split: str = "test", limit: int | None = None) -> Dataset:
-    """Problems with gold answers: an embedded tiny split ("tiny-test", "tiny-train") or anything `load_problems`
-    reads. A source without an answer column is an error that says so."""
+    """Problems with gold answers: an embedded tiny split ("tiny-test", "tiny-validation", "tiny-train") or anything
+    `load_problems` reads. A source without an answer column is an error that says so."""
     if dataset in TINY_DATASETS:
         from .tiny import tiny_splits, to_dataset
 
@@ -279,16 +282,6 @@ class Evaluator(Closeable):
 
 
 # -- reports --------------------------------------------------------------------------------------------------
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of an accuracy of `correct` out of `n` (95% for z = 1.96), as fractions."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def results_table(results: dict) -> str:

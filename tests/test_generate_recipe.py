@@ -132,6 +132,38 @@ def test_two_processes_without_output_dir_gather_in_memory(tiny_policy, referenc
     _same(Dataset.from_json(out), reference.select_columns(Dataset.from_json(out).column_names))
 
 
+GATHER_MAIN_SCRIPT = """
+import sys
+from rstar_trl import MCTSConfig, MCTSGenerator
+from rstar_trl.tiny import tiny_splits, to_dataset
+
+if __name__ == "__main__":
+    policy, out, output_dir = sys.argv[1], sys.argv[2], sys.argv[3] or None
+    config = MCTSConfig(num_rollouts=3, num_candidates=3, max_step_tokens=48, max_answer_tokens=32,
+                        problems_in_flight=4, torch_threads=1, executor_workers=1, seed=0, gather_trees="main",
+                        output_dir=output_dir, shard_size=2)
+    generator = MCTSGenerator(policy, config, to_dataset(tiny_splits()["train"][:12]))
+    generator.generate().to_json(f"{out}.rank{generator.state.process_index}.jsonl")
+"""
+
+
+@pytest.mark.parametrize("with_shards", [False, True], ids=["in-memory", "shards"])
+def test_with_gather_trees_main_only_the_main_process_holds_the_trees(tiny_policy, reference, tmp_path, with_shards):
+    from datasets import Dataset
+
+    script = tmp_path / "search.py"
+    script.write_text(GATHER_MAIN_SCRIPT)
+    out = str(tmp_path / "trees")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    _run([*launch, str(script), tiny_policy, out, str(tmp_path / "shards") if with_shards else ""])
+    main, other = Dataset.from_json(f"{out}.rank0.jsonl"), Dataset.from_json(f"{out}.rank1.jsonl")
+    _same(main, reference.select_columns(main.column_names))
+    assert all(tree is None for tree in other["tree"]) and all(t is None for t in other["best_trajectory"])
+    for column in ("problem", "solved", "status", "rollouts", "num_nodes", "best_answer"):
+        assert other[column] == reference[column], column
+
+
 def test_two_processes_from_nothing_build_the_tiny_policy_once(tmp_path):
     # The README's 2-process CPU command without a model: the main process builds the tiny policy while the other
     # waits; the build's trainer joined the process group and both processes waited for each other forever.

@@ -124,6 +124,9 @@ class MCTSConfig:
         output_dir: if set, finished trees are written here in shards as they complete (per process) and a
             re-run with the same settings skips them; the final dataset is identical to an uninterrupted run.
         shard_size: finished trees per shard file.
+        gather_trees: under a multi-process launch, "all" (every process gets every tree back) or "main" (only the
+            main process does; the others get the same rows with `tree` and `best_trajectory` left empty, enough
+            to see which problems are solved, so they never hold every tree in memory).
 
     > Parameters that control code execution
 
@@ -213,6 +216,12 @@ class MCTSConfig:
         metadata={"help": "Write finished trees here in shards as they complete; a re-run skips them (resumable)."},
     )
     shard_size: int = field(default=64, metadata={"help": "Finished trees per shard file (with output_dir)."})
+    gather_trees: str = field(
+        default="all",
+        metadata={"help": "Multi-process: 'all' processes get every tree back, or only the 'main' one (the others "
+                  "get the rows without `tree` / `best_trajectory`, so they never hold every tree in memory).",
+                  "choices": ["all", "main"]},
+    )  # fmt: skip
     prompt_template: str = field(
         default="policy",
         metadata={"help": "'policy', 'few_shot' (round-1 bootstrap model) or a template with a {question} field."},
@@ -356,6 +365,11 @@ def build_backend(model, args: MCTSConfig, processing_class=None, device: str | 
     )  # fmt: skip
 
 
+def _light(row: dict) -> dict:
+    """A result row without its heavy columns (the tree JSON and the best trajectory)."""
+    return {**row, "tree": None, "best_trajectory": None}
+
+
 class MCTSGenerator(Closeable):
     """Generate MCTS search trees (and their Q-labelled steps) for a dataset of problems.
 
@@ -424,7 +438,7 @@ class MCTSGenerator(Closeable):
 
         With `args.output_dir`, finished trees are saved in shards as they complete and problems already saved
         there are skipped. Under `accelerate launch`, every process searches its share and gets the whole
-        dataset back."""
+        dataset back (with `gather_trees="main"`, the others get it without the trees)."""
         args = self.args
         rank, world = self.state.process_index, self.state.num_processes
         counts: Counter[str] = Counter()
@@ -493,15 +507,26 @@ class MCTSGenerator(Closeable):
         return self._to_dataset([rows[i] for i in range(len(self.dataset))])
 
     def _collect(self, store: ShardStore | None, finished: dict[int, dict], done: dict[int, dict]) -> dict:
-        """Every process's rows: from the shards on disk (shared filesystem) or, without output_dir, gathered."""
+        """Every process's rows: from the shards on disk (shared filesystem) or, without output_dir, gathered.
+        With `gather_trees="main"` the other processes keep only the rows' light columns (`_light`)."""
         if self.state.num_processes == 1:
             return {**done, **finished}
         self.state.wait_for_everyone()
+        light = self.args.gather_trees == "main" and not self.state.is_main_process
         if store is not None:
-            return store.load()
+            return store.load(transform=_light if light else None)
         from accelerate.utils import gather_object
 
-        return {row["index"]: row for row in gather_object(list(finished.values()))}
+        if self.args.gather_trees == "all":
+            return {row["index"]: row for row in gather_object(list(finished.values()))}
+        import torch.distributed as dist
+
+        rows = {row["index"]: row for row in gather_object([_light(row) for row in finished.values()])}
+        parts = [None] * self.state.num_processes if self.state.is_main_process else None
+        dist.gather_object(list(finished.values()), parts, dst=0)  # the trees go to the main process only
+        if parts is not None:
+            rows = {row["index"]: row for part in parts for row in part}
+        return rows
 
     def _fingerprint(self) -> dict:
         problems = json.dumps(
@@ -726,6 +751,7 @@ class MCTSGenerator(Closeable):
         }
 
     def _to_dataset(self, rows: list[dict]) -> Dataset:
+        # The light rows of non-main processes (gather_trees="main") have None where the trees were.
         columns = ["problem", "answer", "solved", "status", "rollouts", "num_nodes", "best_answer",
                    "best_trajectory", "tree"]  # fmt: skip
         data = {c: [row[c] for row in rows] for c in columns}

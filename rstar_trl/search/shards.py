@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import uuid
+from collections.abc import Callable
 
 
 class ShardStore:
@@ -50,14 +51,16 @@ class ShardStore:
             json.dump(fingerprint, f, indent=2, sort_keys=True)
         os.replace(tmp, path)
 
-    def load(self) -> dict[int, dict]:
-        """Every finished row on disk (all processes, all earlier runs), by problem index."""
+    def load(self, transform: Callable[[dict], dict] | None = None) -> dict[int, dict]:
+        """Every finished row on disk (all processes, all earlier runs), by problem index; `transform` is applied
+        to each row as it is read (e.g. to drop the trees, holding one at a time)."""
         rows: dict[int, dict] = {}
         for path in sorted(glob.glob(os.path.join(self.shard_dir, "*.jsonl"))):
             with open(path) as f:
                 for line in f:
                     row = json.loads(line)
-                    rows.setdefault(row["index"], row)
+                    if row["index"] not in rows:
+                        rows[row["index"]] = transform(row) if transform is not None else row
         return rows
 
     def add(self, row: dict) -> None:

@@ -32,7 +32,7 @@ from trl import TrlParser
 from rstar_trl.format import POLICY_PROMPT, format_prompt
 from rstar_trl.grading import grade_answer
 from rstar_trl.hub import load_dataset_folder, save_dataset_folder
-from rstar_trl.rounds import DONE_FILE, RoundArguments, RoundSearchConfig, fine_tune_policy
+from rstar_trl.rounds import DONE_FILE, RoundArguments, RoundModelConfig, RoundSearchConfig, fine_tune_policy
 from rstar_trl.solve import Solver, SolverConfig
 
 
@@ -48,7 +48,7 @@ class SFTBaselineArguments:
     seed: int = field(default=42, metadata={"help": "Seed of the sampling and of the draw down to the row count."})
 
 
-def _read_round(round_dir: str) -> tuple[dict, RoundArguments, RoundSearchConfig]:
+def _read_round(round_dir: str) -> tuple[dict, RoundArguments, RoundSearchConfig, RoundModelConfig]:
     path = os.path.join(round_dir, "round.json")
     for part in (path, os.path.join(round_dir, "trees", DONE_FILE), os.path.join(round_dir, "sft", DONE_FILE)):
         if not os.path.exists(part):
@@ -59,7 +59,8 @@ def _read_round(round_dir: str) -> tuple[dict, RoundArguments, RoundSearchConfig
     args = RoundArguments(**{k: v for k, v in record["config"]["round"].items() if k in names})
     search_names = {f.name for f in fields(RoundSearchConfig)}
     search = RoundSearchConfig(**{k: v for k, v in record["config"]["search"].items() if k in search_names})
-    return record, args, search
+    lora = RoundModelConfig(**record["config"].get("peft", {}))  # trained as the round's policy was
+    return record, args, search, lora
 
 
 def sample_rows(record: dict, args: RoundArguments, search: RoundSearchConfig, trees: Dataset,
@@ -96,7 +97,7 @@ def sample_rows(record: dict, args: RoundArguments, search: RoundSearchConfig, t
 
 
 def main(script: SFTBaselineArguments) -> None:
-    record, args, search = _read_round(script.round_dir)
+    record, args, search, lora = _read_round(script.round_dir)
     out = os.path.join(script.round_dir, "sft_baselines", script.kind)
     data_dir, policy_dir = os.path.join(out, "data"), os.path.join(out, "policy")
     if search.torch_threads:
@@ -122,7 +123,7 @@ def main(script: SFTBaselineArguments) -> None:
             json.dump(stats, f)
     if not os.path.exists(os.path.join(policy_dir, DONE_FILE)):
         state = PartialState(cpu=not torch.cuda.is_available())
-        info = fine_tune_policy(record["base_model"], data, args, search, state, policy_dir)
+        info = fine_tune_policy(record["base_model"], data, args, search, state, policy_dir, lora)
         with open(os.path.join(policy_dir, DONE_FILE), "w") as f:
             json.dump(info, f, default=str)
         with open(os.path.join(out, "baseline.json"), "w") as f:

@@ -174,8 +174,15 @@ class RoundArguments:
                   "rollouts and a new seed (round 4 of the paper: 64 128)."},
     )  # fmt: skip
     tiny_bootstrap_steps: int = field(
-        default=600, metadata={"help": "Bootstrap training steps of the tiny policy (only when it is built)."}
-    )
+        default=600,
+        metadata={"help": "Bootstrap training steps of the tiny policy. With the default (600) the policy shipped "
+                  "with rstar_trl is copied (the same weights on every machine); any other value builds one."},
+    )  # fmt: skip
+    tiny_build_policy: bool = field(
+        default=False,
+        metadata={"help": "Build the tiny policy from scratch (python -m rstar_trl.tiny; a few minutes on CPU) even "
+                  "when the shipped one matches --tiny_bootstrap_steps."},
+    )  # fmt: skip
     sft_top_k: int = field(default=2, metadata={"help": "Correct solutions kept per solved problem (paper §3.4: 2)."})
     pairs_min_q_gap: float | None = field(
         default=0.5, metadata={"help": "Smallest Q gap of a kept step pair (official code: 0.5; docs/method.md)."}
@@ -711,17 +718,18 @@ _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "
                        "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
 
 
-def build_tiny_policy_once(path: str, bootstrap_steps: int, num_processes: int) -> None:
-    """Build the embedded tiny policy at `path` (main process only).
+def provide_tiny_policy_once(path: str, bootstrap_steps: int, num_processes: int, build: bool = False) -> str:
+    """Put the embedded tiny policy at `path` (main process only): a copy of the shipped policy when it matches the
+    settings (`rstar_trl.tiny.provide_tiny_policy`), else a build from scratch. Returns "copied" or "built".
 
-    Under a multi-process launch the build runs in a child process outside the process group: its SFTTrainer would
+    Under a multi-process launch a build runs in a child process outside the process group: its SFTTrainer would
     otherwise see the group, train data-parallel and wait forever for the other processes, which are waiting for
     the build. The child gives the same model as a single-process run."""
-    if num_processes == 1:
-        from .tiny import build_tiny_policy
+    from .tiny.policy import provide_tiny_policy, shipped_policy_info
 
-        build_tiny_policy(path, bootstrap_steps=bootstrap_steps)
-        return
+    info = shipped_policy_info()
+    if num_processes == 1 or (not build and info is not None and info["bootstrap_steps"] == bootstrap_steps):
+        return provide_tiny_policy(path, bootstrap_steps=bootstrap_steps, build=build)
     env = {
         name: value for name, value in os.environ.items()
         if name not in _LAUNCHER_VARIABLES and not name.startswith(("TORCHELASTIC_", "ACCELERATE_"))
@@ -731,6 +739,7 @@ def build_tiny_policy_once(path: str, bootstrap_steps: int, num_processes: int) 
         "build_tiny_policy(sys.argv[1], bootstrap_steps=int(sys.argv[2]))"
     )
     subprocess.run([sys.executable, "-c", code, path, str(bootstrap_steps)], env=env, check=True)
+    return "built"
 
 
 def _scorer_device(state: PartialState) -> str:
@@ -752,7 +761,8 @@ def _search_trees(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, sta
             todo = [i for i, row in enumerate(rows) if not row["solved"] and row["status"] == "searched"]
         if not todo:
             break
-        config = replace(search, num_rollouts=rollouts, seed=search.seed + number,
+        # Only the main process gets the trees back (it writes them); the others keep which problems are solved.
+        config = replace(search, num_rollouts=rollouts, seed=search.seed + number, gather_trees="main",
                          output_dir=os.path.join(plan.round_dir, "search", f"pass{number}"))  # fmt: skip
         # The engine's memory goes back (close) before the next pass or the training stages.
         with MCTSGenerator(plan.search_policy, args=config, train_dataset=plan.problems.select(todo),
@@ -786,25 +796,35 @@ def _search_trees(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, sta
 
 
 def _build_data(plan: RoundPlan, args: RoundArguments, state: PartialState, folder: str, kind: str) -> dict:
-    """SFT rows or preference pairs from the trees. Every process builds them (cheap and deterministic), so a
-    problem such as an empty dataset stops all processes alike; the main process writes them."""
-    trees = load_dataset_folder(plan.path("trees"))
-    if kind == "sft":
-        data, stats = build_sft_dataset(trees, top_k=args.sft_top_k, return_stats=True)
-        advice = "the policy solved no problem"
-    else:
-        data, stats = build_preference_pairs(
-            trees, min_q_gap=args.pairs_min_q_gap, per_side=args.pairs_per_side, return_stats=True
-        )
-        advice = "no problem has both a correct and a wrong answer"
-    if len(data) == 0:
-        raise RuntimeError(
-            f"round {plan.round} gives no {kind} data: {advice} ({plan.path('trees')}). Search more problems "
-            "(--limit), with more rollouts (--num_rollouts) or candidates (--num_candidates), or a stronger policy"
-        )
+    """SFT rows or preference pairs from the trees. The main process reads the trees and builds them (the others
+    never hold every tree); a problem such as an empty dataset is sent to every process, which all stop alike."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome: list = [None]
     if state.is_main_process:
-        save_dataset_folder(data, folder, "")
-    return {"rows": len(data), "stats": stats}
+        trees = load_dataset_folder(plan.path("trees"))
+        if kind == "sft":
+            data, stats = build_sft_dataset(trees, top_k=args.sft_top_k, return_stats=True)
+            advice = "the policy solved no problem"
+        else:
+            data, stats = build_preference_pairs(
+                trees, min_q_gap=args.pairs_min_q_gap, per_side=args.pairs_per_side, return_stats=True
+            )
+            advice = "no problem has both a correct and a wrong answer"
+        if len(data) == 0:
+            outcome[0] = RuntimeError(
+                f"round {plan.round} gives no {kind} data: {advice} ({plan.path('trees')}). Search more problems "
+                "(--limit), with more rollouts (--num_rollouts) or candidates (--num_candidates), or a stronger "
+                "policy"
+            )
+        else:
+            save_dataset_folder(data, folder, "")
+            outcome[0] = {"rows": len(data), "stats": stats}
+    if state.num_processes > 1:
+        broadcast_object_list(outcome)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _bf16(args: RoundArguments) -> bool:
@@ -973,13 +993,29 @@ FULL_FINE_TUNE = {"method": "full"}
 
 def _train_policy(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str):
     """Fine-tune the BASE model (not the previous policy, paper §3.4) on this round's SFT data."""
+    return fine_tune_policy(plan.base_model, load_dataset_folder(plan.path("sft")), args, search, state, folder,
+                            plan.lora)  # fmt: skip
+
+
+def fine_tune_policy(
+    base_model: str,
+    sft: Dataset,
+    args: RoundArguments,
+    search: MCTSConfig,
+    state: PartialState,
+    folder: str,
+    lora: RoundModelConfig | None = None,
+) -> dict:
+    """Fine-tune `base_model` on `sft` (prompt/completion rows) with the round's `sft_*` settings into `folder`:
+    the round's policy stage, and the SFT-data baselines (recipes/sft_data_baselines.py) with other data."""
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    tokenizer, model, added = _load_policy(plan.base_model, search.seed)
+    lora = lora if lora is not None else RoundModelConfig()  # full fine-tuning
+    tokenizer, model, added = _load_policy(base_model, search.seed)
     config = SFTConfig(completion_only_loss=True, **_trainer_settings(args, "sft", folder, search))
-    sft = load_dataset_folder(plan.path("sft")).select_columns(["prompt", "completion"])
-    peft_config = _policy_peft_config(plan.lora, model, tokenizer, added)
+    sft = sft.select_columns(["prompt", "completion"])
+    peft_config = _policy_peft_config(lora, model, tokenizer, added)
     _seeded(search.seed)  # the LoRA weights are created in the trainer's __init__, before its own set_seed
     trainer = SFTTrainer(model=model, args=config, train_dataset=sft, processing_class=tokenizer,
                          peft_config=peft_config)  # fmt: skip
@@ -991,9 +1027,9 @@ def _train_policy(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, sta
         state.wait_for_everyone()
         if state.is_main_process:
             tokenizer = AutoTokenizer.from_pretrained(folder)  # with the step markers, as trained
-            finetuning = _merge_adapter(folder, lambda: _load_policy(plan.base_model, search.seed, tokenizer)[1])
+            finetuning = _merge_adapter(folder, lambda: _load_policy(base_model, search.seed, tokenizer)[1])
         state.wait_for_everyone()
-    return {**info, "base_model": plan.base_model, "rows": len(sft), "finetuning": finetuning}
+    return {**info, "base_model": base_model, "rows": len(sft), "finetuning": finetuning}
 
 
 def _train_ppm(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str):
@@ -1186,7 +1222,10 @@ def run_round(args: RoundArguments, search: MCTSConfig, plan: RoundPlan | None =
     if plan.build_tiny:
         with state.main_process_first():  # built once, by the main process, and reused on re-runs
             if not os.path.exists(os.path.join(plan.base_model, "config.json")):
-                build_tiny_policy_once(plan.base_model, args.tiny_bootstrap_steps, state.num_processes)
+                how = provide_tiny_policy_once(
+                    plan.base_model, args.tiny_bootstrap_steps, state.num_processes, build=args.tiny_build_policy
+                )
+                state.print(f"[round {plan.round}] tiny policy {how} -> {plan.base_model}")
     if search.torch_threads:
         torch.set_num_threads(search.torch_threads)
     lineage = {"round": plan.round, "base_model": plan.base_model, "search_policy": plan.search_policy,

@@ -30,15 +30,16 @@ def benchmark_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_policy(tmp_path_factory) -> str:
-    """The tiny default policy (600 bootstrap steps, as the recipes build it), built once per test session from
-    nothing. A shorter bootstrap saves two minutes but leaves a policy whose code fails 80% of the time, too weak
-    for a round to find both correct and wrong answers on a few dozen problems."""
-    from rstar_trl.tiny import build_tiny_policy
+    """The tiny default policy, as the recipes provide it: a copy of the policy shipped with the package (built by
+    `python -m rstar_trl.tiny` with its defaults; tests/test_tiny.py checks it). RSTAR_TRL_TEST_POLICY points the
+    tests at another checkpoint."""
+    from rstar_trl.tiny import provide_tiny_policy
 
-    if os.environ.get("RSTAR_TRL_TEST_POLICY"):  # developers: reuse a policy built earlier (saves ~2 min a run)
+    if os.environ.get("RSTAR_TRL_TEST_POLICY"):
         return os.environ["RSTAR_TRL_TEST_POLICY"]
     path = str(tmp_path_factory.mktemp("tiny_policy"))
-    return build_tiny_policy(path, progress=False)
+    provide_tiny_policy(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,24 +1,26 @@
 """Build the tiny default policy: a byte-level BPE tokenizer, a ~1 M-parameter Llama, a short SFT bootstrap.
 
 The result is a normal Hugging Face checkpoint (Auto classes load it) that writes the code-augmented step format
-on the tiny word problems: nearly always right on the bootstrap's short problems, rarely on the longer ones, so
-search and self-evolution have something to improve.
+on the tiny word problems. The package ships the policy `build_tiny_policy()` gives with its defaults
+(`SHIPPED_POLICY`; `python -m rstar_trl.tiny` rebuilds it), so every machine starts from the same weights.
 
-Calibration of the defaults (seed 0, measured on a validation draw, then once on the `test` split; 2 CPU cores):
-the build takes 3-3.5 minutes on a nearly idle machine. Greedy decoding with the executor writing the output
-block (paper §3.2) solves 26% of `test`: levels 1-2 all, levels 3-5 under 5%; sampling at T=1 still finds
-solutions beyond greedy on levels 3-5 (pass@16 about 10-20% on levels 3-4). 400 steps were enough for seed 0
-but not for seed 1 (which then wrote correct programs for only half of the level 1-2 problems); 600 were for both.
-Without the executor, the policy has to do the arithmetic of its output block itself and manages only 7%
-(levels 1-2: 41% and 3%): a ~1 M-parameter model copies numbers well but adds them badly.
+Calibration of the defaults (seed 0, chosen on the `validation` split, docs/results.md "Design"): the bootstrap is
+mostly levels 1-2 with a little of every harder level (`BOOTSTRAP_LEVELS`), 600 steps of batch 32. The policy writes
+every level's format but is unreliable, like a base model: greedy decoding (the executor writing the output block,
+paper §3.2) solves 76% / 45% / 8% / 4% / 0% of levels 1-5 on 600 validation problems, while one of 8 samples at
+T = 0.8 is right for 90% / 77% / 31% / 29% / 0%. Shorter bootstraps (150-200 steps) left a policy that solves
+almost nothing; a bootstrap of levels 1-2 only solved those perfectly but could not write the longer solutions of
+levels 3-5, so neither sampling nor search found them. The build takes 6-12 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -31,11 +33,17 @@ from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
 from rstar_trl.format import ANSWER_END, STEP_MARKERS, render_trajectory
-from rstar_trl.tiny.problems import LEVELS, _stream, generate_problems, tiny_splits
+from rstar_trl.tiny.problems import BOOTSTRAP_LEVELS, LEVELS, _stream, generate_problems, tiny_splits
 
-__all__ = ["EOS_TOKEN", "build_tiny_policy", "train_tokenizer"]
+__all__ = ["EOS_TOKEN", "SHIPPED_POLICY", "build_tiny_policy", "provide_tiny_policy", "train_tokenizer"]
 
 EOS_TOKEN = "<|endoftext|>"
+# The policy `python -m rstar_trl.tiny` builds with its defaults, shipped with the package (about 4 MB) so that every
+# machine starts the tiny default from the same weights: a CPU build differs in the last bits from machine to machine
+# (vector extensions change float rounding), and so would every number downstream of it.
+SHIPPED_POLICY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap_policy")
+_SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                  "tokenizer_config.json", "tiny_policy.json")  # fmt: skip
 _TOKENIZER_PROBLEMS = 2000
 
 
@@ -127,6 +135,8 @@ def build_tiny_policy(
     intermediate_size: int = 512,
     batch_size: int = 32,
     lr: float = 3e-3,
+    bootstrap_levels: tuple[int, ...] = BOOTSTRAP_LEVELS,
+    num_bootstrap: int = 2000,
     progress: bool = True,
 ) -> str:
     """Train the tiny default policy from scratch on CPU and save it (model, tokenizer, `tiny_policy.json`).
@@ -137,6 +147,8 @@ def build_tiny_policy(
         bootstrap_steps: optimizer steps of SFT on the `bootstrap` split of `tiny_splits(seed)`.
         hidden_size, num_layers, num_heads, intermediate_size: the Llama's size.
         batch_size, lr: SFT batch size and peak learning rate (warm-up then cosine decay).
+        bootstrap_levels, num_bootstrap: the levels (a level listed twice gets twice the share) and size of the
+            bootstrap split the policy learns from.
         progress: show a progress bar while training (False: build silently).
 
     Returns:
@@ -152,7 +164,8 @@ def build_tiny_policy(
     sizes = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads}
     model = _model(tokenizer, seed, intermediate_size=intermediate_size, **sizes)
 
-    bootstrap = datasets.Dataset.from_list(_render(tiny_splits(seed)["bootstrap"]))
+    splits = tiny_splits(seed, num_bootstrap=num_bootstrap, bootstrap_levels=tuple(bootstrap_levels))
+    bootstrap = datasets.Dataset.from_list(_render(splits["bootstrap"]))
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(
             output_dir=scratch,
@@ -189,6 +202,7 @@ def build_tiny_policy(
         "seed": seed,
         "bootstrap_steps": bootstrap_steps,
         "bootstrap_problems": len(bootstrap),
+        "bootstrap_levels": list(bootstrap_levels),
         "hidden_size": hidden_size,
         "num_layers": num_layers,
         "num_heads": num_heads,
@@ -202,7 +216,56 @@ def build_tiny_policy(
         "loss_history": losses,
         "build_seconds": round(elapsed, 1),
         "torch_threads": torch.get_num_threads(),
+        "weights_sha256": _sha256(os.path.join(output_dir, "model.safetensors")),
     }
     with open(os.path.join(output_dir, "tiny_policy.json"), "w") as f:
         json.dump(info, f, indent=2)
     return output_dir
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped_policy_info() -> dict | None:
+    """The shipped policy's build record (`tiny_policy.json`), or None when this installation has no shipped copy."""
+    record = os.path.join(SHIPPED_POLICY, "tiny_policy.json")
+    if not all(os.path.exists(os.path.join(SHIPPED_POLICY, name)) for name in _SHIPPED_FILES):
+        return None
+    with open(record) as f:
+        return json.load(f)
+
+
+def provide_tiny_policy(
+    output_dir: str | os.PathLike[str], *, seed: int = 0, bootstrap_steps: int = 600, build: bool = False
+) -> str:
+    """Put the tiny default policy in `output_dir`: a copy of the shipped policy when it was built with these
+    settings (the default), else a build from scratch (`build_tiny_policy`).
+
+    Args:
+        output_dir: where the checkpoint goes.
+        seed, bootstrap_steps: the build settings asked for.
+        build: build from scratch even when the shipped policy matches (a few minutes on 2 CPU cores; on another
+            machine the weights may differ in the last bits, see `SHIPPED_POLICY`).
+
+    Returns:
+        "copied" or "built".
+    """
+    output_dir = os.fspath(output_dir)
+    info = shipped_policy_info()
+    if not build and info is not None and (info["seed"], info["bootstrap_steps"]) == (seed, bootstrap_steps):
+        if _sha256(os.path.join(SHIPPED_POLICY, "model.safetensors")) != info["weights_sha256"]:
+            raise RuntimeError(
+                f"the shipped tiny policy in {SHIPPED_POLICY} does not match its record (weights_sha256): the "
+                "installation is damaged; reinstall rstar_trl, or build the policy with `python -m rstar_trl.tiny`"
+            )
+        os.makedirs(output_dir, exist_ok=True)
+        for name in _SHIPPED_FILES:
+            shutil.copyfile(os.path.join(SHIPPED_POLICY, name), os.path.join(output_dir, name))
+        return "copied"
+    build_tiny_policy(output_dir, seed=seed, bootstrap_steps=bootstrap_steps)
+    return "built"

@@ -4,12 +4,16 @@
 #   bash recipes/tiny/reproduce.sh a [OUT]   # Table 3 in miniature: rounds 1-4, greedy accuracy of every policy
 #   bash recipes/tiny/reproduce.sh b [OUT]   # Table 8 in miniature: PPM vs PQM vs ORM at the same search budget
 #   bash recipes/tiny/reproduce.sh c [OUT]   # PPM-guided MCTS vs best-of-N vs maj@k vs greedy at matched tokens
+#   bash recipes/tiny/reproduce.sh d [OUT]   # SFT data: MCTS trajectories vs rejection sampling vs random samples
+#   python recipes/tiny/report.py a [OUT]    # then: tables, paired tests and verdicts of a part
 #
 # OUT defaults to runs/repro. Stages already finished there are skipped (every part reuses the rounds it needs),
-# so the parts can run in any order. Everything is evaluated on the held-out synthetic test split (tiny-test);
-# nothing is tuned on it. Seeds are fixed (42), so a re-run on the same machine gives the same numbers.
+# so the parts can run in any order and a killed part resumes. Everything is evaluated on the held-out synthetic
+# test split (tiny-test, 2000 problems; parts b and c use its first 1000); nothing is tuned on it: the design and
+# the claims are in docs/results.md, written before the first test run. Seeds are fixed (42), and the bootstrap
+# policy ships with the package, so a re-run gives the same numbers.
 set -euo pipefail
-PART=${1:?usage: reproduce.sh a|b|c [OUT]}
+PART=${1:?usage: reproduce.sh a|b|c|d [OUT]}
 OUT=${2:-runs/repro}
 PY=${PY:-.venv/bin/python}
 ACCELERATE=${ACCELERATE:-.venv/bin/accelerate}
@@ -27,35 +31,49 @@ round() {  # run round $1 of the tiny recipe into $OUT (skipped when finished)
   "$ACCELERATE" launch --num_processes 1 recipes/round.py --config "recipes/tiny/round$1.yaml" --output_dir "$OUT"
 }
 
-evaluate() {  # evaluate: $1 policy, $2 ppm (unused by greedy / maj), $3 output dir, $4 limit, rest: methods
+evaluate() {  # evaluate: $1 policy, $2 ppm ("" for greedy / maj), $3 output dir, $4 limit, rest: methods
   local policy=$1 ppm=$2 out=$3 limit=$4
   shift 4
+  [ -f "$out/results.json" ] && return 0  # finished earlier
   "$PY" recipes/eval.py --config recipes/tiny/eval.yaml --model_name_or_path "$policy" --ppm_path "$ppm" \
     --output_dir "$out" --limit "$limit" --methods "$@"  # extra options after the methods pass through
 }
 
+# Part c's search budget, chosen on validation before the test run (docs/results.md, "Pre-registration").
+MCTS=${MCTS:-mcts@4x2x4:best}
+
 case "$PART" in
   a)
     for k in 1 2 3 4; do round "$k"; done
-    evaluate "$OUT/tiny_policy" "$OUT/round_1/ppm" "$OUT/eval/a/round_0" 500 greedy
+    evaluate "$OUT/tiny_policy" "" "$OUT/eval/a/round_0" 2000 greedy
     for k in 1 2 3 4; do  # each round's policy and PPM cards get the round's numbers (--update_cards)
-      evaluate "$OUT/round_$k/policy" "$OUT/round_$k/ppm" "$OUT/eval/a/round_$k" 500 greedy --update_cards
+      evaluate "$OUT/round_$k/policy" "$OUT/round_$k/ppm" "$OUT/eval/a/round_$k" 2000 greedy --update_cards
     done
     ;;
   b)
-    for k in 1 2; do round "$k"; done
+    for k in 1 2 3 4; do round "$k"; done
     for loss in pqm orm; do
-      [ -f "$OUT/round_2/$loss/baseline.json" ] || "$PY" recipes/reward_baselines.py --round_dir "$OUT/round_2" \
+      [ -f "$OUT/round_4/$loss/baseline.json" ] || "$PY" recipes/reward_baselines.py --round_dir "$OUT/round_4" \
         --loss_type "$loss"
     done
     for rm in ppm pqm orm; do
-      evaluate "$OUT/round_2/policy" "$OUT/round_2/$rm" "$OUT/eval/b/$rm" 200 best_of_n@16 mcts@8x5
+      evaluate "$OUT/round_4/policy" "$OUT/round_4/$rm" "$OUT/eval/b/$rm" 1000 best_of_n@16 "$MCTS"
     done
     ;;
   c)
-    for k in 1 2; do round "$k"; done
-    evaluate "$OUT/round_2/policy" "$OUT/round_2/ppm" "$OUT/eval/c" 200 greedy maj@4 maj@16 best_of_n@4 \
-      best_of_n@16 mcts@4x4 mcts@8x5 beam@2x4 beam@4x4
+    for k in 1 2 3 4; do round "$k"; done
+    evaluate "$OUT/round_4/policy" "$OUT/round_4/ppm" "$OUT/eval/c" 1000 greedy maj@4 maj@16 best_of_n@4 \
+      best_of_n@16 "$MCTS"
     ;;
-  *) echo "unknown part $PART (a, b or c)" >&2; exit 2 ;;
+  d)
+    round 1
+    for kind in rejection random; do
+      "$PY" recipes/sft_data_baselines.py --round_dir "$OUT/round_1" --kind "$kind"
+    done
+    evaluate "$OUT/round_1/policy" "" "$OUT/eval/d/mcts" 2000 greedy
+    for kind in rejection random; do
+      evaluate "$OUT/round_1/sft_baselines/$kind/policy" "" "$OUT/eval/d/$kind" 2000 greedy
+    done
+    ;;
+  *) echo "unknown part $PART (a, b, c or d)" >&2; exit 2 ;;
 esac

@@ -93,6 +93,49 @@ def test_round_one_writes_every_artifact_and_reports_the_solved_rate(killed_roun
 
 
 @pytest.mark.slow
+def test_sft_data_baselines_train_like_the_round_on_sampled_data(killed_round):
+    """recipes/sft_data_baselines.py: samples of the round's search policy, right ones (rejection) or any answered
+    ones (random), at most sft_top_k per problem, as many rows as the round's MCTS data, the round's training."""
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM
+
+    from rstar_trl.grading import extract_answer, grade_answer
+
+    run_dir, _, _ = killed_round
+    round_dir = run_dir / "round_1"
+    mcts_rows = len(load_dataset_folder(str(round_dir / "sft")))
+    gold = load_dataset_folder(str(round_dir / "trees"))["answer"]
+    record = json.loads((round_dir / "round.json").read_text())
+    command = [sys.executable, str(ROOT / "recipes" / "sft_data_baselines.py"), "--round_dir", str(round_dir),
+               "--num_samples", "4"]  # fmt: skip
+    datas = {}
+    for kind in ("rejection", "random"):
+        result = subprocess.run([*command, "--kind", kind], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                                timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = round_dir / "sft_baselines" / kind
+        data = datas[kind] = load_dataset_folder(str(out / "data"))
+        sampling = json.loads((out / "sampling.json").read_text())
+        assert 0 < len(data) == min(mcts_rows, sampling["pool_rows"]) and sampling["samples"] == 4 * len(gold)
+        assert max(Counter(data["problem_index"]).values()) <= record["config"]["round"]["sft_top_k"]
+        for row in data:  # `correct` is what grading the written answer against the gold answer says
+            answer = extract_answer(row["completion"])
+            assert row["correct"] == bool(answer and grade_answer(answer, gold[row["problem_index"]]))
+        baseline = json.loads((out / "baseline.json").read_text())
+        assert baseline["training"]["rows"] == len(data)
+        assert baseline["training"]["base_model"] == record["base_model"]  # from the base, as the round's policy
+        AutoModelForCausalLM.from_pretrained(out / "policy")
+        again = subprocess.run([*command, "--kind", kind], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                               timeout=300)  # fmt: skip
+        assert again.returncode == 0 and f"{len(data)} rows" in again.stdout  # finished parts are not redone
+    assert all(datas["rejection"]["correct"])
+    random_sampling = json.loads((round_dir / "sft_baselines" / "random" / "sampling.json").read_text())
+    if random_sampling["correct"] < random_sampling["answered"]:  # wrong answers exist: random keeps some
+        assert not all(datas["random"]["correct"]) or len(datas["random"]) < random_sampling["pool_rows"]
+
+
+@pytest.mark.slow
 def test_rerun_after_kill_skips_finished_stages_and_completes_the_rest(killed_round):
     run_dir, output, trees_mtime = killed_round
     assert "[round 1] trees: finished earlier, skipped" in output

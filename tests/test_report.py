@@ -1,0 +1,62 @@
+"""recipes/tiny/report.py: the registered verdict rule applied to paired results (docs/results.md)."""
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("tiny_report", ROOT / "recipes" / "tiny" / "report.py")
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
+
+
+def _results(path: Path, methods: dict[str, list[bool]]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for name, correct in methods.items():
+        records = [{"index": i, "correct": c, "tokens": 60} for i, c in enumerate(correct)]
+        random.Random(0).shuffle(records)  # the report pairs by problem index, not by position
+        summaries.append({"method": name, "num_problems": len(correct), "correct": sum(correct),
+                          "tokens_per_problem": 60.0, "problems": records})  # fmt: skip
+    (path / "results.json").write_text(json.dumps({"methods": summaries}))
+
+
+def test_verdict_rule():
+    assert report.verdict(0.05, (0.02, 0.08), 0.001) == "holds"
+    assert report.verdict(0.05, (0.02, 0.08), 0.2) == "inconclusive"  # not significant after adjustment
+    assert report.verdict(0.0, (-0.01, 0.015), 1.0) == "does not hold"  # rules out a 2-point gain
+    assert report.verdict(-0.05, (-0.08, -0.02), 0.001) == "does not hold"  # significant the other way
+    assert report.verdict(0.01, (-0.02, 0.04), 0.5) == "inconclusive"
+
+
+def test_part_a_pairs_problems_and_gives_each_claim_its_verdict(tmp_path):
+    rng = random.Random(1)
+    n = 2000
+    base = [rng.random() < 0.3 for _ in range(n)]
+    better = [c or rng.random() < 0.15 for c in base]  # right wherever round 0 was, and on ~10% more
+    rounds = {0: base, 1: base, 2: better, 3: better, 4: better}
+    for k, correct in rounds.items():
+        _results(tmp_path / "eval" / "a" / f"round_{k}", {"greedy": correct})
+    text, records = report.part_a(str(tmp_path))
+    verdicts = {r["claim"]: r["verdict"] for r in records}
+    assert verdicts == {"A1": "holds", "A2.1": "does not hold", "A2.2": "holds", "A2.3": "does not hold",
+                        "A2.4": "does not hold"}  # fmt: skip
+    a1 = next(r for r in records if r["claim"] == "A1")
+    assert a1["only_b"] == 0 and a1["only_a"] == sum(better) - sum(base) and a1["p_holm"] >= a1["p_value"]
+    assert "| A1 | round 4 | round 0 |" in text and "level 1" in text
+
+
+def test_part_d_small_samples_are_inconclusive(tmp_path):
+    rng = random.Random(2)
+    for kind in ("mcts", "rejection", "random"):
+        _results(tmp_path / "eval" / "d" / kind, {"greedy": [rng.random() < 0.5 for _ in range(40)]})
+    _, records = report.part_d(str(tmp_path))
+    assert [r["verdict"] for r in records] == ["inconclusive", "inconclusive"]
+
+
+def test_missing_results_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="round_0"):
+        report.part_a(str(tmp_path))

@@ -650,9 +650,12 @@ def _stale_message(plan: RoundPlan, stale: dict[str, tuple[str, dict]]) -> str:
 
 def check_stages(plan: RoundPlan, args: RoundArguments, search: MCTSConfig) -> None:
     """Refuse (`StaleStageError`) finished or started stages whose fingerprint differs from this run's, except
-    those `redo` deletes. Reads markers and small files only."""
+    those `redo` deletes and those after `stop_after` (this run does not reach them: a search launched with more
+    processes and `--stop_after trees` must not be refused for training stages made by one process). Reads markers
+    and small files only."""
     stale = {}
-    for name in ARTIFACTS:
+    last = ARTIFACTS.index(args.stop_after) if args.stop_after else len(ARTIFACTS) - 1
+    for name in ARTIFACTS[: last + 1]:
         if name in plan.redo:
             continue
         status, recorded = _recorded(plan, name)

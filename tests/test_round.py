@@ -335,6 +335,14 @@ def test_changed_settings_are_refused_naming_each_stage_and_field(killed_round, 
         plan_round(*TrlParser((RoundArguments, RoundSearchConfig)).parse_args_and_config(argv))
     assert "fingerprint: none recorded (an older rstar_trl made it) -> this run's" in str(refused.value)
     assert "--redo pairs,policy " in str(refused.value)
+    # Stages after --stop_after are not reached, so they are not checked: the search of a finished round can be
+    # re-launched with more processes (reproduce.sh does), though its training stages were made by one.
+    argv_two = [*argv, "--sft_learning_rate", "1e-4"]
+    plan_round(*TrlParser((RoundArguments, RoundSearchConfig)).parse_args_and_config([*argv_two, "--stop_after",
+                                                                                      "trees"]))  # fmt: skip
+    with pytest.raises(StaleStageError, match="sft_learning_rate: 0.0005 -> 0.0001"):
+        plan_round(*TrlParser((RoundArguments, RoundSearchConfig)).parse_args_and_config([*argv_two, "--stop_after",
+                                                                                          "policy"]))  # fmt: skip
 
 
 def test_redo_names_the_stages_and_everything_downstream():

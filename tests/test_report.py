@@ -13,15 +13,17 @@ report = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(report)
 
 
-def _results(path: Path, methods: dict[str, list[bool]]) -> None:
+def _results(
+    path: Path, methods: dict[str, list[bool]], tokens: dict[str, float] | None = None, dataset: str = "tiny-test"
+) -> None:
     path.mkdir(parents=True, exist_ok=True)
     summaries = []
     for name, correct in methods.items():
         records = [{"index": i, "correct": c, "tokens": 60} for i, c in enumerate(correct)]
         random.Random(0).shuffle(records)  # the report pairs by problem index, not by position
         summaries.append({"method": name, "num_problems": len(correct), "correct": sum(correct),
-                          "tokens_per_problem": 60.0, "problems": records})  # fmt: skip
-    (path / "results.json").write_text(json.dumps({"methods": summaries}))
+                          "tokens_per_problem": (tokens or {}).get(name, 60.0), "problems": records})  # fmt: skip
+    (path / "results.json").write_text(json.dumps({"dataset": dataset, "methods": summaries}))
 
 
 def test_verdict_rule():
@@ -60,3 +62,18 @@ def test_part_d_small_samples_are_inconclusive(tmp_path):
 def test_missing_results_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="round_0"):
         report.part_a(str(tmp_path))
+
+
+def test_the_search_budget_is_the_largest_within_best_of_16_tokens_on_validation(tmp_path):
+    budget = tmp_path / "eval" / "mcts_budget"
+    names = ["best_of_n@16", *report.MCTS_CANDIDATES]
+    tokens = {"best_of_n@16": 1000.0, "mcts@2x2x4:best": 400.0, "mcts@4x2x4:best": 900.0, "mcts@4x4x4:best": 1700.0}
+    _results(budget, {name: [True, False] for name in names}, tokens, dataset="tiny-validation")
+    assert report.choose_mcts(str(tmp_path)) == "mcts@4x2x4:best"
+    tokens["mcts@2x2x4:best"] = 1200.0
+    tokens["mcts@4x2x4:best"] = 1500.0
+    _results(budget, {name: [True, False] for name in names}, tokens, dataset="tiny-validation")
+    assert report.choose_mcts(str(tmp_path)) == "mcts@2x2x4:best"  # none fits: the smallest
+    _results(budget, {name: [True, False] for name in names}, tokens, dataset="tiny-test")
+    with pytest.raises(SystemExit, match="tiny-validation"):
+        report.choose_mcts(str(tmp_path))

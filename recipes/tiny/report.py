@@ -1,6 +1,7 @@
 """Tables, paired tests and verdicts of the tiny reproduction (docs/results.md), from what reproduce.sh wrote.
 
     python recipes/tiny/report.py a runs/repro     # or b, c, d; prints markdown, writes <OUT>/report_<part>.json
+    python recipes/tiny/report.py choose-mcts runs/repro   # parts b and c's search budget, chosen on validation
 
 Every claim compares two per-problem correctness vectors on the same problems (`rstar_trl.stats`): the difference
 with Newcombe's 95% interval and the exact McNemar p-value, Holm-adjusted within a part. The verdict rule was fixed
@@ -142,11 +143,29 @@ def part_d(out: str) -> tuple[str, list[dict]]:
 
 
 PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
+MCTS_CANDIDATES = ("mcts@2x2x4:best", "mcts@4x2x4:best", "mcts@4x4x4:best")  # registered, smallest first
+
+
+def choose_mcts(out: str) -> str:
+    """The registered choice of parts b and c's search budget, from the validation run reproduce.sh makes
+    (`<out>/eval/mcts_budget`): the largest candidate whose tokens per problem do not exceed best_of_n@16's (the
+    smallest candidate when none fits)."""
+    path = os.path.join(out, "eval", "mcts_budget", "results.json")
+    with open(path) as f:
+        if json.load(f)["dataset"] != "tiny-validation":
+            raise SystemExit(f"{path}: the search budget must be chosen on tiny-validation")
+    methods = load(path)
+    limit = methods["best_of_n@16"]["tokens_per_problem"]
+    fitting = [m for m in MCTS_CANDIDATES if methods[m]["tokens_per_problem"] <= limit]
+    return fitting[-1] if fitting else MCTS_CANDIDATES[0]
 
 
 def main(argv: list[str]) -> None:
+    if len(argv) in (1, 2) and argv[0] == "choose-mcts":
+        print(choose_mcts(argv[1] if len(argv) > 1 else "runs/repro"))
+        return
     if len(argv) not in (1, 2) or argv[0] not in PARTS:
-        raise SystemExit("usage: python recipes/tiny/report.py a|b|c|d [OUT (default runs/repro)]")
+        raise SystemExit("usage: python recipes/tiny/report.py a|b|c|d|choose-mcts [OUT (default runs/repro)]")
     part, out = argv[0], argv[1] if len(argv) > 1 else "runs/repro"
     text, records = PARTS[part](out)
     print(text)

@@ -39,8 +39,16 @@ evaluate() {  # evaluate: $1 policy, $2 ppm ("" for greedy / maj), $3 output dir
     --output_dir "$out" --limit "$limit" --methods "$@"  # extra options after the methods pass through
 }
 
-# Part c's search budget, chosen on validation before the test run (docs/results.md, "Pre-registration").
-MCTS=${MCTS:-mcts@4x2x4:best}
+# Parts b and c's search budget, chosen on the first 200 validation problems with the round-4 policy and PPM, as
+# registered (docs/results.md, "Pre-registration"): the largest candidate within best_of_n@16's tokens per problem.
+choose_mcts() {
+  if [ -z "${MCTS:-}" ]; then
+    evaluate "$OUT/round_4/policy" "$OUT/round_4/ppm" "$OUT/eval/mcts_budget" 200 best_of_n@16 mcts@2x2x4:best \
+      mcts@4x2x4:best mcts@4x4x4:best --dataset tiny-validation
+    MCTS=$("$PY" recipes/tiny/report.py choose-mcts "$OUT")
+  fi
+  echo "search budget of parts b and c: $MCTS"
+}
 
 case "$PART" in
   a)
@@ -52,6 +60,7 @@ case "$PART" in
     ;;
   b)
     for k in 1 2 3 4; do round "$k"; done
+    choose_mcts
     for loss in pqm orm; do
       [ -f "$OUT/round_4/$loss/baseline.json" ] || "$PY" recipes/reward_baselines.py --round_dir "$OUT/round_4" \
         --loss_type "$loss"
@@ -62,6 +71,7 @@ case "$PART" in
     ;;
   c)
     for k in 1 2 3 4; do round "$k"; done
+    choose_mcts
     evaluate "$OUT/round_4/policy" "$OUT/round_4/ppm" "$OUT/eval/c" 1000 greedy maj@4 maj@16 best_of_n@4 \
       best_of_n@16 "$MCTS"
     ;;

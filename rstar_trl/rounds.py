@@ -728,10 +728,9 @@ def provide_tiny_policy_once(path: str, bootstrap_steps: int, num_processes: int
     Under a multi-process launch a build runs in a child process outside the process group: its SFTTrainer would
     otherwise see the group, train data-parallel and wait forever for the other processes, which are waiting for
     the build. The child gives the same model as a single-process run."""
-    from .tiny.policy import provide_tiny_policy, shipped_policy_info
+    from .tiny.policy import provide_tiny_policy, shipped_policy_matches
 
-    info = shipped_policy_info()
-    if num_processes == 1 or (not build and info is not None and info["bootstrap_steps"] == bootstrap_steps):
+    if num_processes == 1 or (not build and shipped_policy_matches(bootstrap_steps=bootstrap_steps)):
         return provide_tiny_policy(path, bootstrap_steps=bootstrap_steps, build=build)
     env = {
         name: value for name, value in os.environ.items()

@@ -152,9 +152,10 @@ def choose_mcts(out: str) -> str:
     smallest candidate when none fits)."""
     path = os.path.join(out, "eval", "mcts_budget", "results.json")
     with open(path) as f:
-        if json.load(f)["dataset"] != "tiny-validation":
-            raise SystemExit(f"{path}: the search budget must be chosen on tiny-validation")
-    methods = load(path)
+        results = json.load(f)
+    if results["dataset"] != "tiny-validation":
+        raise SystemExit(f"{path}: the search budget must be chosen on tiny-validation")
+    methods = {m["method"]: m for m in results["methods"]}
     limit = methods["best_of_n@16"]["tokens_per_problem"]
     fitting = [m for m in MCTS_CANDIDATES if methods[m]["tokens_per_problem"] <= limit]
     return fitting[-1] if fitting else MCTS_CANDIDATES[0]

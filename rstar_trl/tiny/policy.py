@@ -240,6 +240,12 @@ def shipped_policy_info() -> dict | None:
         return json.load(f)
 
 
+def shipped_policy_matches(*, seed: int = 0, bootstrap_steps: int = 600) -> bool:
+    """Whether this installation ships a policy built with these settings (so `provide_tiny_policy` copies it)."""
+    info = shipped_policy_info()
+    return info is not None and (info["seed"], info["bootstrap_steps"]) == (seed, bootstrap_steps)
+
+
 def provide_tiny_policy(
     output_dir: str | os.PathLike[str], *, seed: int = 0, bootstrap_steps: int = 600, build: bool = False
 ) -> str:
@@ -256,8 +262,8 @@ def provide_tiny_policy(
         "copied" or "built".
     """
     output_dir = os.fspath(output_dir)
-    info = shipped_policy_info()
-    if not build and info is not None and (info["seed"], info["bootstrap_steps"]) == (seed, bootstrap_steps):
+    if not build and shipped_policy_matches(seed=seed, bootstrap_steps=bootstrap_steps):
+        info = shipped_policy_info()
         if _sha256(os.path.join(SHIPPED_POLICY, "model.safetensors")) != info["weights_sha256"]:
             raise RuntimeError(
                 f"the shipped tiny policy in {SHIPPED_POLICY} does not match its record (weights_sha256): the "

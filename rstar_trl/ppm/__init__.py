@@ -13,9 +13,14 @@ from .scorer import (
     value_from_score,
     write_value_transform,
 )
+from .reward import CompletionJudge, CorrectnessReward, JudgedCompletion, PPMReward
 from .trainer import DEFAULT_VALUE_TRANSFORM, DataCollatorForPPM, PPMConfig, PPMTrainer
 
 __all__ = [
+    "CompletionJudge",
+    "CorrectnessReward",
+    "JudgedCompletion",
+    "PPMReward",
     "DEFAULT_VALUE_TRANSFORM",
     "LEGACY_VALUE_TRANSFORM",
     "VALUE_TRANSFORM_KEY",

@@ -59,6 +59,18 @@ def test_part_d_small_samples_are_inconclusive(tmp_path):
     assert [r["verdict"] for r in records] == ["inconclusive", "inconclusive"]
 
 
+def test_part_g_compares_grpo_with_its_starting_policy(tmp_path):
+    rng = random.Random(3)
+    start = [rng.random() < 0.3 for _ in range(2000)]
+    worse = [c and rng.random() < 0.8 for c in start]  # loses a fifth of what round 2 solved
+    _results(tmp_path / "eval" / "a" / "round_2", {"greedy": start})
+    _results(tmp_path / "eval" / "grpo_round_2", {"greedy": worse})
+    text, (record,) = report.part_g(str(tmp_path))
+    assert record["claim"] == "G1" and record["verdict"] == "does not hold" and record["only_a"] == 0
+    assert record["p_holm"] == record["p_value"]  # one claim: nothing to adjust
+    assert "| G1 | round 2 + GRPO | round 2 |" in text
+
+
 def test_missing_results_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="round_0"):
         report.part_a(str(tmp_path))

@@ -1,6 +1,6 @@
 """Tables, paired tests and verdicts of the tiny reproduction (docs/results.md), from what reproduce.sh wrote.
 
-    python recipes/tiny/report.py a runs/repro     # or b, c, d; prints markdown, writes <OUT>/report_<part>.json
+    python recipes/tiny/report.py a runs/repro     # or b, c, d, g; prints markdown, writes <OUT>/report_<part>.json
     python recipes/tiny/report.py choose-mcts runs/repro   # parts b and c's search budget, chosen on validation
 
 Every claim compares two per-problem correctness vectors on the same problems (`rstar_trl.stats`): the difference
@@ -142,7 +142,16 @@ def part_d(out: str) -> tuple[str, list[dict]]:
     return f"### SFT data\n\n{table}\n\n### Claims\n\n{text}\n", records
 
 
-PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
+def part_g(out: str) -> tuple[str, list[dict]]:
+    """GRPO from round 2 with the round-2 PPM as reward (docs/results.md section 4) against round 2's policy."""
+    grpo = load(os.path.join(out, "eval", "grpo_round_2", "results.json"))["greedy"]
+    sft = load(os.path.join(out, "eval", "a", "round_2", "results.json"))["greedy"]
+    table = accuracy_table([("round 2 + GRPO (PPM + correctness rewards)", grpo), ("round 2", sft)])
+    text, records = claims_table([("G1", "round 2 + GRPO", grpo, "round 2", sft)])
+    return f"### GRPO with the PPM as reward\n\n{table}\n\n### Claim\n\n{text}\n", records
+
+
+PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "g": part_g}
 MCTS_CANDIDATES = ("mcts@2x2x4:best", "mcts@4x2x4:best", "mcts@4x4x4:best")  # registered, smallest first
 
 
@@ -166,7 +175,7 @@ def main(argv: list[str]) -> None:
         print(choose_mcts(argv[1] if len(argv) > 1 else "runs/repro"))
         return
     if len(argv) not in (1, 2) or argv[0] not in PARTS:
-        raise SystemExit("usage: python recipes/tiny/report.py a|b|c|d|choose-mcts [OUT (default runs/repro)]")
+        raise SystemExit("usage: python recipes/tiny/report.py a|b|c|d|g|choose-mcts [OUT (default runs/repro)]")
     part, out = argv[0], argv[1] if len(argv) > 1 else "runs/repro"
     text, records = PARTS[part](out)
     print(text)

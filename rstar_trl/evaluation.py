@@ -171,7 +171,8 @@ class Evaluator(Closeable):
         args: the settings (`EvalConfig`).
         eval_dataset: problems with `problem` and `answer` columns (`load_eval_problems`). Default: `args.dataset`.
         processing_class: the tokenizer of a loaded model.
-        ppm: a `StepScorer` (e.g. `TransformersPPMScorer`). Default: built from `args.ppm_path` when a method needs it.
+        ppm: a `StepScorer` (e.g. `TransformersPPMScorer`). Default: built from `args` (`ppm_server_url`, else
+            `ppm_path`) when a method needs it.
 
     Example:
         >>> args = EvalConfig(model_name_or_path="runs/tiny/round_1/policy", methods=["greedy", "maj@8"], limit=50)
@@ -209,8 +210,20 @@ class Evaluator(Closeable):
 
     @property
     def ppm(self) -> StepScorer:
-        """The PPM scorer, built from `args.ppm_path` on first use."""
+        """The PPM scorer, built from `args` on first use."""
         return self.solver.ppm
+
+    def _ppm_name(self) -> str | None:
+        """How results name the PPM: its checkpoint, or the served model and the server's URL."""
+        from .ppm import ServerPPMScorer
+
+        scorer = self.solver._ppm
+        if isinstance(scorer, ServerPPMScorer):  # the model the server reported
+            return scorer.description
+        if self.args.ppm_server_url:
+            name = self.args.ppm_server_model or self.args.ppm_path or "the first model served"
+            return f"{name} (vllm serve at {self.args.ppm_server_url})"
+        return self.args.ppm_path
 
     def close(self) -> None:
         """Release the engines this evaluator built (policy backend, PPM scorer); ones passed in are left to their
@@ -231,7 +244,7 @@ class Evaluator(Closeable):
             )  # fmt: skip
         return {
             "model": self.model_name,
-            "ppm": self.args.ppm_path,
+            "ppm": self._ppm_name(),
             "dataset": self.args.dataset,
             "num_problems": len(self.questions),
             "time_s": round(time.perf_counter() - start, 2),

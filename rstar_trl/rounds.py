@@ -61,10 +61,19 @@ from datasets import Dataset
 from . import __version__
 from .data import load_problems
 from .hub import HubPushError, load_dataset_folder, push_folder, render_card, save_dataset_folder
-from .ppm import PPMConfig, PPMTrainer, TransformersPPMScorer, build_preference_pairs, build_sft_dataset
+from .ppm import (
+    PPMConfig,
+    PPMTrainer,
+    ServerPPMScorer,
+    TransformersPPMScorer,
+    build_preference_pairs,
+    build_sft_dataset,
+)
+from .ppm.server_scorer import served_ppm_model
 from .ppm.trainer import RSTAR_MATH_CITATION
 from .search import MCTSConfig, MCTSGenerator
 from .search.generator import _TREE_SETTINGS
+from .search.server_backend import ServerUnreachableError
 from .search.tree import TREE_SCHEMA_VERSION
 
 __all__ = ["ARTIFACTS", "STAGE_INPUTS", "RoundArguments", "RoundModelConfig", "RoundPlan", "RoundSearchConfig",
@@ -111,6 +120,7 @@ class RoundArguments:
         base_model: the model every round fine-tunes (paper §3.4: from the BASE model each round).
         ppm_model_name_or_path: the PPM that initialises Q in PPM-guided rounds (Eq. 3).
         ppm_guided: whether the search uses a PPM (default: from round 3 on).
+        ppm_server_url: score with that PPM served by `vllm serve --runner pooling` at this URL (`ServerPPMScorer`).
 
     > Parameters that choose the problems
 
@@ -157,6 +167,14 @@ class RoundArguments:
         default=None,
         metadata={"help": "Search with a PPM (PPM-initialised Q, Eq. 3). Default: from round 3 on (paper §3.4)."},
     )
+    ppm_server_url: str | None = field(
+        default=None,
+        metadata={"help": "The search PPM of PPM-guided rounds (>= 3) is served by `vllm serve <ppm> --runner "
+                  "pooling` at this URL (e.g. http://host:8001) instead of loaded from output_dir/round_<k-1>/ppm in "
+                  "every search process, so the processes share one PPM. The server must serve that checkpoint "
+                  "(compared when both are readable here) or --ppm_model_name_or_path (which may be a local copy of "
+                  "the served one: its tokenizer and config are read from there). Ignored in rounds without a PPM."},
+    )  # fmt: skip
     dataset: str | None = field(
         default=None,
         metadata={"help": "Problems with gold answers: a JSONL file or Hub dataset (rstar_trl.load_problems). "
@@ -317,6 +335,8 @@ class RoundPlan:
     lora: RoundModelConfig = field(default_factory=RoundModelConfig)
     redo: list[str] = field(default_factory=list)  # the stages `redo` deletes: those named and all after them
     problems_sha256: str = ""
+    # The PPM server that scores for the search ({"url", "model"}; `RoundArguments.ppm_server_url`), or None.
+    search_ppm_server: dict | None = None
 
     @property
     def round_dir(self) -> str:
@@ -403,17 +423,30 @@ def plan_round(args: RoundArguments, search: MCTSConfig, lora: RoundModelConfig 
                 "--model_name_or_path"
             )
 
-    search_ppm = None
+    search_ppm = search_ppm_server = served = None
     if args.ppm_guided if args.ppm_guided is not None else args.round >= 3:
         search_ppm = args.ppm_model_name_or_path
+        if args.ppm_server_url:
+            try:
+                served = served_ppm_model(args.ppm_server_url, max_retries=search.server_max_retries)
+            except ServerUnreachableError as exc:
+                raise ValueError(f"--ppm_server_url: {exc}") from exc
+            search_ppm_server = {"url": args.ppm_server_url, "model": served["id"]}
         if search_ppm is None:
-            if not _is_done(os.path.join(previous, "ppm")):
+            if _is_done(os.path.join(previous, "ppm")):
+                search_ppm = os.path.join(previous, "ppm")
+            elif served is not None:  # the served checkpoint is not here (e.g. another machine): trust the server
+                search_ppm = served.get("root") or served["id"]
+            else:
                 raise FileNotFoundError(
                     f"round {args.round} searches with PPM-initialised Q (Eq. 3) and needs round {args.round - 1}'s "
                     f"PPM, but {os.path.join(previous, 'ppm')} has not finished: run round {args.round - 1} first, "
-                    "pass --ppm_model_name_or_path, or search without a PPM (--ppm_guided false)"
+                    "pass --ppm_model_name_or_path or --ppm_server_url, or search without a PPM (--ppm_guided false)"
                 )
-            search_ppm = os.path.join(previous, "ppm")
+        if served is not None:
+            _check_served_ppm(search_ppm, served, args.ppm_server_url)
+    elif args.ppm_server_url:
+        logger.warning("--ppm_server_url is ignored: round %d searches without a PPM (--ppm_guided)", args.round)
 
     if args.dataset is None:
         from .tiny import tiny_splits, to_dataset
@@ -443,10 +476,27 @@ def plan_round(args: RoundArguments, search: MCTSConfig, lora: RoundModelConfig 
                 f"--hub_repo_pattern {args.hub_repo_pattern!r} may only use {{org}}, {{run}}, {{round}}, {{artifact}}"
             ) from exc
     plan = RoundPlan(args.round, run_dir, base_model, search_policy, search_ppm, build_tiny, problems, dataset_name,
-                     repo_ids, lora, redo, _problems_sha256(problems))  # fmt: skip
+                     repo_ids, lora, redo, _problems_sha256(problems), search_ppm_server)  # fmt: skip
     _check_tiny_policy(plan, args)
     check_stages(plan, args, search)
     return plan
+
+
+def _check_served_ppm(search_ppm: str, served: dict, url: str) -> None:
+    """Refuse a PPM server serving another checkpoint than the round's search PPM, when both folders are readable
+    here (compared by `_files_sha256`: small files by content, weights by name and size). A served path that is not
+    a folder here (the server runs elsewhere) cannot be compared: the server is trusted."""
+    root = served.get("root") or served["id"]
+    if not (os.path.isdir(root) and os.path.isdir(search_ppm)):
+        return
+    if os.path.realpath(root) == os.path.realpath(search_ppm):
+        return
+    if _files_sha256(root, _HASH_IN_FULL) != _files_sha256(search_ppm, _HASH_IN_FULL):
+        raise ValueError(
+            f"the PPM server at {url} serves {root}, but this round searches with the PPM {search_ppm}, and the two "
+            f"differ: serve {search_ppm} (`vllm serve {search_ppm} --runner pooling`) or pass "
+            f"--ppm_model_name_or_path {root}"
+        )
 
 
 def _parse_redo(value: str | None) -> list[str]:
@@ -573,6 +623,9 @@ def stage_fingerprint(plan: RoundPlan, args: RoundArguments, search: MCTSConfig,
             "num_problems": len(plan.problems),
             "search_policy": _model_identity(plan.search_policy),
             "search_ppm": _model_identity(plan.search_ppm),
+            # Scores of the served PPM differ from in-process ones by float noise (<= 1e-3), so trees may differ; the
+            # URL is not recorded (the same checkpoint served elsewhere resumes the search).
+            "search_ppm_served_as": plan.search_ppm_server["model"] if plan.search_ppm_server else None,
         }
     elif name == "sft":
         fingerprint = {"sft_top_k": args.sft_top_k, "trees": _output_of(plan, "trees")}
@@ -751,8 +804,22 @@ def _scorer_device(state: PartialState) -> str:
 def _search_trees(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str):
     """MCTS on every problem, then (round 4) extra searches with new seeds of the problems still unsolved."""
     ppm = None
-    if plan.search_ppm is not None:
+    if plan.search_ppm_server is not None:  # one PPM served to every search process
+        ppm = ServerPPMScorer(plan.search_ppm_server["url"], model=plan.search_ppm_server["model"],
+                              checkpoint=plan.search_ppm, max_length=args.ppm_max_length,
+                              max_retries=search.server_max_retries)  # fmt: skip
+    elif plan.search_ppm is not None:
         ppm = TransformersPPMScorer(plan.search_ppm, device=_scorer_device(state), max_length=args.ppm_max_length)
+    try:
+        return _search_passes(plan, args, search, state, folder, ppm)
+    finally:
+        if ppm is not None:
+            ppm.close()
+
+
+def _search_passes(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str,
+                   ppm) -> dict:  # fmt: skip
+    """The search passes of `_search_trees` with the scorer `ppm` (None: Q from terminal rewards only)."""
     budgets = [search.num_rollouts, *args.unsolved_rollouts]
     rows = None
     passes = []
@@ -791,6 +858,7 @@ def _search_trees(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, sta
         "solved_rate": num_solved / len(trees),
         "passes": passes,
         "config": asdict(search),
+        **({"ppm_server": plan.search_ppm_server} if plan.search_ppm_server else {}),  # the URL it was scored at
     }
     if state.is_main_process:
         save_dataset_folder(trees, folder, "")
@@ -1113,6 +1181,14 @@ def describe_finetuning(info: dict | None) -> str:
             f"`{how.get('adapter', ADAPTER_DIR)}/`")  # fmt: skip
 
 
+def _describe_search_ppm(plan: RoundPlan) -> str:
+    if plan.search_ppm is None:
+        return "none (Q from terminal rewards only)"
+    if plan.search_ppm_server is None:
+        return plan.search_ppm
+    return f"{plan.search_ppm} (served by vllm serve at {plan.search_ppm_server['url']})"
+
+
 def _card_fields(plan: RoundPlan, infos: dict[str, dict], config: dict) -> dict:
     trees = infos.get("trees", {})
     return {
@@ -1120,7 +1196,7 @@ def _card_fields(plan: RoundPlan, infos: dict[str, dict], config: dict) -> dict:
         "run_dir": plan.run_dir,
         "base_model": plan.base_model,
         "search_policy": plan.search_policy,
-        "search_ppm": plan.search_ppm or "none (Q from terminal rewards only)",
+        "search_ppm": _describe_search_ppm(plan),
         "dataset": plan.dataset_name,
         **{f"{artifact}_name": plan.name(artifact) for artifact in ARTIFACTS},
         **{f"{artifact}_rows": infos.get(artifact, {}).get("rows", "-") for artifact in ("sft", "pairs")},
@@ -1233,6 +1309,8 @@ def run_round(args: RoundArguments, search: MCTSConfig, plan: RoundPlan | None =
     lineage = {"round": plan.round, "base_model": plan.base_model, "search_policy": plan.search_policy,
                "search_ppm": plan.search_ppm, "dataset": plan.dataset_name, "config": config,
                "outputs": {}}  # fmt: skip
+    if plan.search_ppm_server:
+        lineage["search_ppm_server"] = plan.search_ppm_server
     if state.is_main_process:
         _write_json(os.path.join(plan.round_dir, "round.json"), lineage)
 

@@ -260,9 +260,12 @@ class TestTimeConfig(MCTSConfig):
 
     Args:
         model_name_or_path: the policy checkpoint (path or Hub id).
-        ppm_path: the PPM checkpoint (needed by best_of_n, weighted_maj, mcts and beam).
+        ppm_path: the PPM checkpoint (needed by best_of_n, weighted_maj, mcts and beam, unless `ppm_server_url`
+            serves it; then a local copy of the served checkpoint to read its tokenizer and config from).
+        ppm_server_url: a `vllm serve --runner pooling` server of the PPM (`ServerPPMScorer`), instead of loading it.
+        ppm_server_model: the PPM's name on that server (default: the first it serves).
         ppm_backend: "transformers" or "vllm" (vLLM's pooling runner).
-        ppm_batch_size: texts per PPM forward pass (transformers).
+        ppm_batch_size: texts per PPM forward pass (transformers), or per request to the PPM server.
         ppm_gpu_memory_utilization: share of GPU memory the vLLM PPM engine reserves.
         ppm_max_length: tokens of a PPM input kept (the last ones).
     """
@@ -275,8 +278,18 @@ class TestTimeConfig(MCTSConfig):
     ppm_path: str | None = field(
         default=None,
         metadata={"help": "PPM checkpoint (path or Hub id), needed by best_of_n, weighted_maj, mcts and beam, e.g. "
-                  "runs/tiny/round_2/ppm."},
+                  "runs/tiny/round_2/ppm. With --ppm_server_url: where to read the served PPM's tokenizer and config "
+                  "(default: the path the server reports)."},
     )  # fmt: skip
+    ppm_server_url: str | None = field(
+        default=None,
+        metadata={"help": "Score with a PPM served by `vllm serve <ppm> --runner pooling` at this URL (e.g. "
+                  "http://host:8001) instead of loading it: many processes share one PPM. Texts are tokenised "
+                  "here and sent as token ids; values match the in-process scorers."},
+    )  # fmt: skip
+    ppm_server_model: str | None = field(
+        default=None, metadata={"help": "--ppm_server_url: the PPM's name on the server (default: the first served)."}
+    )
     ppm_backend: str = field(
         default="transformers",
         metadata={
@@ -284,7 +297,9 @@ class TestTimeConfig(MCTSConfig):
             "choices": ["transformers", "vllm"],
         },
     )
-    ppm_batch_size: int = field(default=32, metadata={"help": "Texts per PPM forward pass (transformers)."})
+    ppm_batch_size: int = field(
+        default=32, metadata={"help": "Texts per PPM forward pass (transformers), or per request (--ppm_server_url)."}
+    )
     ppm_gpu_memory_utilization: float = field(
         default=0.2,
         metadata={"help": "ppm_backend='vllm': share of GPU memory the PPM engine reserves (it shares the GPU with "
@@ -296,6 +311,13 @@ class TestTimeConfig(MCTSConfig):
         super().__post_init__()
         if self.ppm_backend not in ("transformers", "vllm"):
             raise ValueError(f"ppm_backend must be 'transformers' or 'vllm', got {self.ppm_backend!r}")
+        if self.ppm_server_url and self.ppm_backend != "transformers":
+            raise ValueError(
+                f"--ppm_server_url scores with the PPM server, --ppm_backend {self.ppm_backend} would load the PPM "
+                "here too: drop one of them"
+            )
+        if self.ppm_server_model and not self.ppm_server_url:
+            raise ValueError("--ppm_server_model names the PPM on a server: it needs --ppm_server_url")
 
     def mcts_config(self, num_rollouts: int, num_candidates: int) -> MCTSConfig:
         """The `MCTSConfig` of one search: these settings with its budget (no shards: nothing to resume)."""
@@ -308,10 +330,11 @@ class TestTimeConfig(MCTSConfig):
         configured for the methods that need one."""
         specs = parse_methods(methods, self.num_rollouts, self.num_candidates)
         needing = [spec.label for spec in specs if spec.needs_ppm]
-        if needing and not self.ppm_path:
+        if needing and not (self.ppm_path or self.ppm_server_url):
             raise ValueError(
                 f"method(s) {needing} need a process preference model: pass --ppm_path (a PPMTrainer checkpoint, "
-                "e.g. runs/tiny/round_2/ppm), or drop them (greedy and maj@K need no PPM)"
+                "e.g. runs/tiny/round_2/ppm) or --ppm_server_url (a `vllm serve --runner pooling` of one), or drop "
+                "them (greedy and maj@K need no PPM)"
             )
         return specs
 
@@ -849,9 +872,19 @@ class _TokenMeter(GenerationBackend):
 
 
 def build_ppm_scorer(args: TestTimeConfig) -> StepScorer:
-    """The PPM scorer `args` describes (`ppm_path`, `ppm_backend`, ...)."""
+    """The PPM scorer `args` describes (`ppm_server_url`, else `ppm_path` with `ppm_backend`, ...)."""
+    if args.ppm_server_url:
+        from .ppm import ServerPPMScorer
+
+        return ServerPPMScorer(
+            args.ppm_server_url, model=args.ppm_server_model, checkpoint=args.ppm_path,
+            max_length=args.ppm_max_length, prompt_template=args.template, batch_size=args.ppm_batch_size,
+            max_retries=args.server_max_retries,
+        )  # fmt: skip
     if not args.ppm_path:
-        raise ValueError("this method needs a process preference model: pass --ppm_path (or a scorer as ppm=)")
+        raise ValueError(
+            "this method needs a process preference model: pass --ppm_path or --ppm_server_url (or a scorer as ppm=)"
+        )
     if args.ppm_backend == "vllm":
         from .ppm import VLLMPPMScorer
 
@@ -887,8 +920,8 @@ class Solver(Closeable):
     Args:
         model: the policy: a path or Hub id, a loaded causal LM (with `processing_class`), or a `GenerationBackend`.
             Default: `args.model_name_or_path`.
-        ppm: a `StepScorer` (e.g. `TransformersPPMScorer`; values in [-1, 1]). Default: built from `args.ppm_path`
-            on first use by a method that needs one.
+        ppm: a `StepScorer` (e.g. `TransformersPPMScorer`; values in [-1, 1]). Default: built from `args`
+            (`ppm_server_url`, else `ppm_path`) on first use by a method that needs one.
         args: the settings (`SolverConfig`, or any `TestTimeConfig` such as `EvalConfig`).
         processing_class: the tokenizer of a loaded model.
 
@@ -914,7 +947,7 @@ class Solver(Closeable):
 
     @property
     def ppm(self) -> StepScorer:
-        """The PPM scorer, built from `args.ppm_path` on first use."""
+        """The PPM scorer, built from `args` (`build_ppm_scorer`) on first use."""
         if self._ppm is None:
             self._ppm = build_ppm_scorer(self.args)
             self._owns_ppm = True
@@ -949,7 +982,7 @@ class Solver(Closeable):
 
     def iter_solve(self, problems, methods: Sequence[str | MethodSpec]) -> Iterator[MethodResult]:
         """`solve_methods`, one `MethodResult` at a time, as each method finishes."""
-        if self._ppm is None:  # the PPM comes from args.ppm_path: the methods that need one must have it
+        if self._ppm is None:  # the PPM comes from args: the methods that need one must have it
             specs = self.args.parse_methods(methods)
         else:
             specs = parse_methods(methods, self.args.num_rollouts, self.args.num_candidates)

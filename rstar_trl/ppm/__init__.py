@@ -1,6 +1,8 @@
-"""The process preference model: training data from search trees, `PPMTrainer`, and scorers the search uses."""
+"""The process preference model: training data from search trees, `PPMTrainer`, and scorers the search uses
+(transformers, vLLM offline, or a `vllm serve` PPM server)."""
 
 from .data import build_outcome_pairs, build_preference_pairs, build_sft_dataset, build_step_values
+from .reward import CompletionJudge, CorrectnessReward, JudgedCompletion, PPMReward
 from .scorer import (
     LEGACY_VALUE_TRANSFORM,
     VALUE_TRANSFORM_KEY,
@@ -13,7 +15,7 @@ from .scorer import (
     value_from_score,
     write_value_transform,
 )
-from .reward import CompletionJudge, CorrectnessReward, JudgedCompletion, PPMReward
+from .server_scorer import ServerPPMScorer
 from .trainer import DEFAULT_VALUE_TRANSFORM, DataCollatorForPPM, PPMConfig, PPMTrainer
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "PPMConfig",
     "PPMScorer",
     "PPMTrainer",
+    "ServerPPMScorer",
     "TransformersPPMScorer",
     "VLLMPPMScorer",
     "ValueTransform",

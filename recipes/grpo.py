@@ -27,7 +27,7 @@ from trl import GRPOConfig, GRPOTrainer, TrlParser
 
 from rstar_trl.evaluation import load_eval_problems
 from rstar_trl.format import format_prompt
-from rstar_trl.ppm import CompletionJudge, CorrectnessReward, PPMReward
+from rstar_trl.ppm import CompletionJudge, CorrectnessReward, PPMReward, ServerPPMScorer
 from rstar_trl.search.generator import PROMPT_TEMPLATES
 
 
@@ -44,6 +44,12 @@ class GRPOScriptArguments:
         default="transformers",
         metadata={"help": "Where the PPM runs: 'transformers' or 'vllm' (pooling runner).",
                   "choices": ["transformers", "vllm"]},
+    )  # fmt: skip
+    ppm_server_url: str | None = field(
+        default=None,
+        metadata={"help": "Score with the PPM served by `vllm serve <ppm> --runner pooling` at this URL "
+                  "(ServerPPMScorer), shared by every training process; --ppm_path then names a local copy of the "
+                  "served checkpoint (its tokenizer and config), or is left out to use the path the server reports."},
     )  # fmt: skip
     ppm_aggregation: str = field(
         default="min",
@@ -94,12 +100,22 @@ def _resolve_models(args: GRPOScriptArguments) -> tuple[str, str | None]:
         ppm = ppm or os.path.join(args.round_dir, "ppm")
     if policy is None:
         raise SystemExit("give --round_dir (a finished round) or --model_name_or_path (the policy to train)")
-    if args.ppm_weight != 0 and ppm is None:
+    if args.ppm_weight != 0 and ppm is None and not args.ppm_server_url:
         raise SystemExit("the PPM reward needs --ppm_path (or --round_dir); --ppm_weight 0 trains without it")
     for name, path in (("policy", policy), ("PPM", ppm if args.ppm_weight != 0 else None)):
         if path and (path.startswith((".", "/")) or path.count("/") > 1) and not os.path.exists(path):
             raise SystemExit(f"the {name} {path!r} does not exist (run the round first: recipes/round.py)")
     return policy, ppm
+
+
+def _scorer_options(args: GRPOScriptArguments, template: str, served: bool) -> dict:
+    """Options of the scorer PPMReward builds from a path (none for a server scorer, built here)."""
+    if served:
+        return {}
+    options = {"max_length": args.ppm_max_length, "prompt_template": template}
+    if args.ppm_backend == "transformers":
+        options["batch_size"] = args.ppm_batch_size
+    return options
 
 
 def main(script_args: GRPOScriptArguments, training_args: GRPOConfig) -> None:
@@ -118,12 +134,24 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(policy)
     judge = CompletionJudge(tokenizer, executor_timeout=script_args.executor_timeout)
-    rewards, weights = [], []
+    rewards, weights, served = [], [], []
     if script_args.ppm_weight != 0:
-        rewards.append(PPMReward(ppm_path, aggregation=script_args.ppm_aggregation, backend=script_args.ppm_backend,
-                                 judge=judge, max_length=script_args.ppm_max_length, prompt_template=template,
-                                 **({"batch_size": script_args.ppm_batch_size}
-                                    if script_args.ppm_backend == "transformers" else {})))  # fmt: skip
+        ppm = ppm_path
+        if script_args.ppm_server_url:
+            ppm = ServerPPMScorer(
+                script_args.ppm_server_url, checkpoint=ppm_path, max_length=script_args.ppm_max_length,
+                prompt_template=template, batch_size=script_args.ppm_batch_size,
+            )  # fmt: skip
+            served.append(ppm)
+        rewards.append(
+            PPMReward(
+                ppm,
+                aggregation=script_args.ppm_aggregation,
+                backend=script_args.ppm_backend,
+                judge=judge,
+                **_scorer_options(script_args, template, served=ppm is not ppm_path),
+            )
+        )
         weights.append(script_args.ppm_weight)
     if script_args.correctness_weight != 0:
         rewards.append(CorrectnessReward(judge=judge))
@@ -151,8 +179,8 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig) -> None:
                 json.dump(record, f, indent=2)
             print(f"Wrote the GRPO policy to {training_args.output_dir}: {json.dumps(record)}")
     finally:
-        for reward in rewards:
-            reward.close()
+        for closeable in [*rewards, *served]:
+            closeable.close()
         judge.close()
 
 

@@ -191,6 +191,33 @@ def test_mcts_with_the_served_ppm_initialises_q_with_its_values(server, tiny_pol
     assert checked >= 3
 
 
+def test_the_grpo_reward_scores_through_the_server(server, ppm_path, tiny_policy, problems):
+    """PPMReward (the reward of TRL's online trainers) with the served PPM gives the local checkpoint's rewards."""
+    from rstar_trl.ppm import CompletionJudge, PPMReward
+
+    rows = problems.select(range(3))
+    config = MCTSConfig(num_rollouts=2, num_candidates=2, max_step_tokens=48, max_answer_tokens=32,
+                        executor_workers=1, seed=0, device="cpu", torch_threads=1)  # fmt: skip
+    with MCTSGenerator(tiny_policy, config, rows) as generator:  # real completions of the tiny policy
+        trees = generator.generate()
+    completions, questions = [], []
+    for row in trees:
+        tree = SearchTree.from_json(row["tree"])
+        for node in tree.nodes[1:]:
+            if node.terminal_reason == "answer":
+                completions.append(tree.trajectory_text(node))
+                questions.append(tree.question)
+    assert completions
+    with CompletionJudge(tiny_policy) as judge:
+        local = PPMReward(ppm_path, judge=judge, device="cpu", max_length=MAX_LENGTH)(
+            completions=completions, problem=questions
+        )
+        with ServerPPMScorer(server, max_length=MAX_LENGTH) as scorer:
+            served = PPMReward(scorer, judge=judge)(completions=completions, problem=questions)
+    assert served == pytest.approx(local, abs=1e-3)
+    assert any(value > -1.0 for value in local)  # some completions were valid and valued, not all rejected
+
+
 def test_evaluation_with_ppm_server_url_scores_through_the_server(server, ppm_path, tiny_policy, reference, tmp_path):
     fast = dict(max_step_tokens=48, max_answer_tokens=32, executor_workers=1, device="cpu", torch_threads=1, seed=0)
     # No --ppm_path: only the server can have scored.

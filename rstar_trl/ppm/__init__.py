@@ -2,6 +2,18 @@
 (transformers, vLLM offline, or a `vllm serve` PPM server)."""
 
 from .data import build_outcome_pairs, build_preference_pairs, build_sft_dataset, build_step_values
+from .quality import (
+    first_error_prediction,
+    make_tiny_processbench,
+    oracle_threshold,
+    pair_accuracy,
+    processbench_metrics,
+    processbench_report,
+    score_processbench,
+    threshold_sweep,
+    validate_pairs,
+    validate_processbench,
+)
 from .reward import CompletionJudge, CorrectnessReward, JudgedCompletion, PPMReward
 from .scorer import (
     LEGACY_VALUE_TRANSFORM,
@@ -38,8 +50,18 @@ __all__ = [
     "build_preference_pairs",
     "build_sft_dataset",
     "build_step_values",
+    "first_error_prediction",
+    "make_tiny_processbench",
+    "oracle_threshold",
+    "pair_accuracy",
     "ppm_text",
+    "processbench_metrics",
+    "processbench_report",
     "read_value_transform",
+    "score_processbench",
+    "threshold_sweep",
+    "validate_pairs",
+    "validate_processbench",
     "value_from_score",
     "write_value_transform",
 ]

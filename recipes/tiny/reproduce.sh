@@ -5,6 +5,7 @@
 #   bash recipes/tiny/reproduce.sh b [OUT]   # Table 8 in miniature: PPM vs PQM vs ORM at the same search budget
 #   bash recipes/tiny/reproduce.sh c [OUT]   # PPM-guided MCTS vs best-of-N vs maj@k vs greedy at matched tokens
 #   bash recipes/tiny/reproduce.sh d [OUT]   # SFT data: MCTS trajectories vs rejection sampling vs random samples
+#   bash recipes/tiny/reproduce.sh g [OUT]   # GRPO with round 2's PPM as reward; the round-2 PPM's quality report
 #   python recipes/tiny/report.py a [OUT]    # then: tables, paired tests and verdicts of a part
 #
 # OUT defaults to runs/repro. Stages already finished there are skipped (every part reuses the rounds it needs),
@@ -13,7 +14,7 @@
 # the claims are in docs/results.md, written before the first test run. Seeds are fixed (42), and the bootstrap
 # policy ships with the package, so a re-run gives the same numbers.
 set -euo pipefail
-PART=${1:?usage: reproduce.sh a|b|c|d [OUT]}
+PART=${1:?usage: reproduce.sh a|b|c|d|g [OUT]}
 OUT=${2:-runs/repro}
 PY=${PY:-.venv/bin/python}
 ACCELERATE=${ACCELERATE:-.venv/bin/accelerate}
@@ -53,9 +54,18 @@ choose_mcts() {
 case "$PART" in
   a)
     for k in 1 2 3 4; do round "$k"; done
-    evaluate "$OUT/tiny_policy" "" "$OUT/eval/a/round_0" 2000 greedy
-    for k in 1 2 3 4; do  # each round's policy and PPM cards get the round's numbers (--update_cards)
-      evaluate "$OUT/round_$k/policy" "$OUT/round_$k/ppm" "$OUT/eval/a/round_$k" 2000 greedy --update_cards
+    batch=()
+    for k in 0 1 2 3 4; do  # NPROC evaluations at a time, one core each (each is deterministic on its own)
+      if [ "$k" = 0 ]; then
+        evaluate "$OUT/tiny_policy" "" "$OUT/eval/a/round_0" 2000 greedy &
+      else  # each round's policy and PPM cards get the round's numbers (--update_cards)
+        evaluate "$OUT/round_$k/policy" "$OUT/round_$k/ppm" "$OUT/eval/a/round_$k" 2000 greedy --update_cards &
+      fi
+      batch+=($!)
+      if [ "${#batch[@]}" -ge "$NPROC" ] || [ "$k" = 4 ]; then
+        for pid in "${batch[@]}"; do wait "$pid"; done
+        batch=()
+      fi
     done
     ;;
   b)
@@ -85,5 +95,19 @@ case "$PART" in
       evaluate "$OUT/round_1/sft_baselines/$kind/policy" "" "$OUT/eval/d/$kind" 2000 greedy
     done
     ;;
-  *) echo "unknown part $PART (a, b, c or d)" >&2; exit 2 ;;
+  g)  # the PPM beyond search (docs/results.md section 4): GRPO with round 2's PPM as reward, and its quality report
+    for k in 1 2 3; do round "$k"; done
+    [ -f "$OUT/grpo_round_2/grpo.json" ] || "$PY" recipes/grpo.py --config recipes/tiny/grpo.yaml \
+      --round_dir "$OUT/round_2" --output_dir "$OUT/grpo_round_2"
+    evaluate "$OUT/grpo_round_2" "" "$OUT/eval/grpo_round_2" 2000 greedy
+    quality="$OUT/eval_ppm/round_2"
+    [ -f "$quality/pairs/results.json" ] || "$PY" recipes/eval_ppm.py --ppm_path "$OUT/round_2/ppm" \
+      --pairs "$OUT/round_3/pairs" --exclude_pairs "$OUT/round_2/pairs" --output_dir "$quality/pairs"
+    [ -f "$quality/pairs_new_questions/results.json" ] || "$PY" recipes/eval_ppm.py --ppm_path "$OUT/round_2/ppm" \
+      --pairs "$OUT/round_3/pairs" --exclude_pairs "$OUT/round_2/pairs" --exclude_by question \
+      --output_dir "$quality/pairs_new_questions"
+    [ -f "$quality/processbench/results.json" ] || "$PY" recipes/eval_ppm.py --ppm_path "$OUT/round_2/ppm" \
+      --processbench tiny-validation --output_dir "$quality/processbench"
+    ;;
+  *) echo "unknown part $PART (a, b, c, d or g)" >&2; exit 2 ;;
 esac

@@ -6,6 +6,9 @@ import random
 from pathlib import Path
 
 import pytest
+from datasets import Dataset
+
+from rstar_trl.hub import save_dataset_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("tiny_report", ROOT / "recipes" / "tiny" / "report.py")
@@ -42,7 +45,18 @@ def test_part_a_pairs_problems_and_gives_each_claim_its_verdict(tmp_path):
     rounds = {0: base, 1: base, 2: better, 3: better, 4: better}
     for k, correct in rounds.items():
         _results(tmp_path / "eval" / "a" / f"round_{k}", {"greedy": correct})
+    for k in range(1, 5):  # what round k's search solved: the first 10 * k problems of level 3
+        levels = [1, 2, 3, 3] * 20
+        solved = [level == 3 and i < 20 * k for i, level in enumerate(levels)]
+        round_dir = tmp_path / f"round_{k}"
+        save_dataset_folder(Dataset.from_dict({"solved": solved, "level": levels}), str(round_dir / "trees"), "")
+        for stage, rows in (("sft", 7 * k), ("pairs", 100 + k)):
+            (round_dir / stage).mkdir()
+            (round_dir / stage / "DONE.json").write_text(json.dumps({"rows": rows}))
     text, records = report.part_a(str(tmp_path))
+    assert "| 1 | 10/80 (12.5%) | 0/20 | 0/20 | 10/40 | 0/0 | 0/0 | 7 | 101 |" in text
+    assert "| 4 | 40/80 (50.0%) | 0/20 | 0/20 | 40/40 | 0/0 | 0/0 | 28 | 104 |" in text
+    assert (tmp_path / "accuracy_by_round.png").stat().st_size > 1000
     verdicts = {r["claim"]: r["verdict"] for r in records}
     assert verdicts == {"A1": "holds", "A2.1": "does not hold", "A2.2": "holds", "A2.3": "does not hold",
                         "A2.4": "does not hold"}  # fmt: skip

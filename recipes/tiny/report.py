@@ -92,7 +92,73 @@ def part_a(out: str) -> tuple[str, list[dict]]:
     claims = [("A1", "round 4", greedy[4], "round 0", greedy[0])]
     claims += [(f"A2.{k}", f"round {k}", greedy[k], f"round {k - 1}", greedy[k - 1]) for k in range(1, 5)]
     text, records = claims_table(claims)
-    return f"### Greedy accuracy of each round's policy\n\n{table}\n\n### Claims\n\n{text}\n", records
+    search, coverage = search_table(out)
+    plot = plot_rounds(greedy, coverage, os.path.join(out, "accuracy_by_round.png"))
+    return (
+        f"### Greedy accuracy of each round's policy\n\n{table}\n\n### Claims\n\n{text}\n\n"
+        f"### What each round's search found (its 256 train problems)\n\n{search}\n\nPlot: {plot}\n",
+        records,
+    )
+
+
+def search_table(out: str) -> tuple[str, dict[int, dict]]:
+    """Per round: problems the search solved (by level), SFT rows and PPM pairs, from the round's artifacts."""
+    from rstar_trl.hub import load_dataset_folder
+
+    levels = " | ".join(f"level {lv}" for lv in LEVELS)
+    lines = [f"| round | solved | {levels} | SFT rows | PPM pairs |", "|---|---:|" + "---:|" * (len(LEVELS) + 2)]
+    coverage = {}
+    for k in range(1, 5):
+        trees = load_dataset_folder(os.path.join(out, f"round_{k}", "trees")).select_columns(["solved", "level"])
+        right, total = Counter(), Counter()
+        for solved, level in zip(trees["solved"], trees["level"]):
+            total[level] += 1
+            right[level] += bool(solved)
+        rows = {}
+        for stage in ("sft", "pairs"):
+            with open(os.path.join(out, f"round_{k}", stage, "DONE.json")) as f:
+                rows[stage] = json.load(f)["rows"]
+        solved, n = sum(right.values()), sum(total.values())
+        coverage[k] = {"solved": solved, "problems": n, "by_level": {lv: (right[lv], total[lv]) for lv in LEVELS}}
+        by_level = " | ".join(f"{right[lv]}/{total[lv]}" for lv in LEVELS)
+        share = f"{solved}/{n} ({100 * solved / n:.1f}%)"
+        lines.append(f"| {k} | {share} | {by_level} | {rows['sft']} | {rows['pairs']} |")
+    return "\n".join(lines), coverage
+
+
+def plot_rounds(greedy: dict[int, dict], coverage: dict[int, dict], path: str) -> str:
+    """Greedy test accuracy of each round's policy by level, next to the share of its train problems each round's
+    search solved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = tiny_splits()["test"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    rounds = sorted(greedy)
+    for level in (*LEVELS, None):
+        accuracy = []
+        for k in rounds:
+            rows = [r for r in greedy[k]["problems"] if level is None or problems[r["index"]]["level"] == level]
+            accuracy.append(100 * sum(r["correct"] for r in rows) / len(rows))
+        left.plot(rounds, accuracy, marker="o", linewidth=3 if level is None else 1,
+                  label="all" if level is None else f"level {level}")  # fmt: skip
+    left.set(title="policy, greedy (test)", xlabel="round", ylabel="% solved", xticks=rounds)
+    searched = sorted(coverage)
+    for level in (*LEVELS, None):
+        shares = []
+        for k in searched:
+            right_total = coverage[k]["by_level"][level] if level else (coverage[k]["solved"], coverage[k]["problems"])
+            shares.append(100 * right_total[0] / max(right_total[1], 1))
+        right.plot(searched, shares, marker="o", linewidth=3 if level is None else 1,
+                   label="all" if level is None else f"level {level}")  # fmt: skip
+    right.set(title="the round's MCTS (its train problems)", xlabel="round", xticks=searched)
+    right.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def part_b(out: str) -> tuple[str, list[dict]]:

@@ -80,7 +80,7 @@ def accuracy_table(rows: list[tuple[str, dict]], split: str = "test") -> str:
             right[level] += r["correct"]
         by_level = " | ".join(f"{right[lv]}/{total[lv]}" for lv in LEVELS)
         lines.append(
-            f"| {label} | {100 * k / n:.1f}% ({100 * low:.1f}-{100 * high:.1f}) | {k}/{n} | "
+            f"| {label} | {100 * (k / n):.1f}% ({100 * low:.1f}-{100 * high:.1f}) | {k}/{n} | "
             f"{method['tokens_per_problem']:.0f} | {by_level} |"
         )
     return "\n".join(lines)

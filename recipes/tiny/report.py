@@ -154,7 +154,7 @@ def plot_rounds(greedy: dict[int, dict], coverage: dict[int, dict], path: str) -
         right.plot(searched, shares, marker="o", linewidth=3 if level is None else 1,
                    label="all" if level is None else f"level {level}")  # fmt: skip
     right.set(title="the round's MCTS (its train problems)", xlabel="round", xticks=searched)
-    right.legend(loc="lower right", fontsize=8)
+    right.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

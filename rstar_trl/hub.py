@@ -124,6 +124,27 @@ def _status_words(status: int, repo_id: str, said: str) -> str:
     return f"the Hub answered HTTP {status}.{said}"
 
 
+def put_card_section(card: str, marker: str, section: str) -> bool:
+    """Put a markdown `section` into the model card at path `card` (a checkpoint's `README.md`), between the comments
+    `<!-- {marker} -->` and `<!-- end {marker} -->`: a section with the same marker is replaced, the rest of the card
+    is kept, and a new marker is appended at the end. Returns False (writing nothing) when the card does not exist.
+    Evaluation results and PPM quality reports go into cards this way, one section per dataset."""
+    if not os.path.isfile(card):
+        return False
+    start, end = f"<!-- {marker} -->", f"<!-- end {marker} -->"
+    block = f"{start}\n{section.rstrip()}\n{end}\n"
+    with open(card) as f:
+        text = f.read()
+    if start in text and end in text[text.index(start) :]:
+        before, rest = text[: text.index(start)], text[text.index(start) :]
+        text = before + block + rest[rest.index(end) + len(end) :].removeprefix("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    with open(card, "w") as f:
+        f.write(text)
+    return True
+
+
 def load_dataset_folder(folder: str) -> Dataset:
     """Read back a dataset folder written by `save_dataset_folder` (its parquet data; the card is not needed)."""
     path = os.path.join(folder, "data", "train-00000-of-00001.parquet")

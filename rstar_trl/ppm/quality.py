@@ -40,6 +40,7 @@ import datasets
 from tqdm.auto import tqdm
 
 from ..format import ANSWER_END, CODE_END, OUTPUT_END, STEP_END, Step, build_program, format_prompt, render_step
+from ..hub import put_card_section
 from ..stats import wilson_interval
 from .scorer import PPMScorer
 
@@ -698,25 +699,9 @@ def write_quality_report(results: Mapping[str, Any], output_dir: str) -> dict[st
 
 
 def update_card_section(card: str, key: str, title: str, body: str) -> bool:
-    """Put a section in a model card (`README.md`), between markers named by `key`: a section with the same key is
-    replaced, the rest of the card kept; a new key is appended. Returns False (and writes nothing) when the card
-    does not exist. The same mechanism as `rstar_trl.evaluation.add_eval_to_cards`, with its own markers."""
-    if not os.path.isfile(card):
-        return False
-    start = f"<!-- rstar_trl:ppm_quality {key} -->"
-    end = start.replace("<!-- ", "<!-- end ")
-    section = f"{start}\n## {title}\n\n{body.rstrip()}\n{end}\n"
-    with open(card) as f:
-        text = f.read()
-    if start in text and end in text[text.index(start) :]:
-        before, rest = text[: text.index(start)], text[text.index(start) :]
-        after = rest[rest.index(end) + len(end) :]
-        text = before + section + after.removeprefix("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(card, "w") as f:
-        f.write(text)
-    return True
+    """Put a "## {title}" section in a model card (`README.md`), one per `key` (`rstar_trl.hub.put_card_section`):
+    a section with the same key is replaced, the rest of the card kept. Returns False when the card does not exist."""
+    return put_card_section(card, f"rstar_trl:ppm_quality {key}", f"## {title}\n\n{body}")
 
 
 def add_quality_to_card(results: Mapping[str, Any], folder: str) -> str | None:

@@ -12,11 +12,10 @@ import sys
 import threading
 import time
 
-import httpx
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from vllm_serve import free_port, vllm_serve
+from vllm_serve import FlakyProxy, free_port, vllm_serve
 
 from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree
 from rstar_trl.evaluation import EvalConfig, Evaluator
@@ -262,75 +261,20 @@ def test_a_round_refuses_a_server_serving_another_ppm(server, ppm_path, tiny_pol
 # -- concurrency, retries and errors ----------------------------------------------------------------------------
 
 
-class _Proxy(http.server.BaseHTTPRequestHandler):
-    """A real HTTP proxy in front of the server: counts the /classify requests and the most in flight at once, and
-    answers 503 to the first `failures` of them."""
-
-    target = ""
-    failures = 0
-    seen = 0
-    requests = 0
-    in_flight = 0
-    most_in_flight = 0
-    lock = threading.Lock()
-
-    def _forward(self, method: str) -> None:
-        cls = type(self)
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0))) if method == "POST" else None
-        if self.path == "/classify":
-            with cls.lock:
-                if cls.seen < cls.failures:
-                    cls.seen += 1
-                    fail = True
-                else:
-                    fail = False
-                    cls.requests += 1
-                    cls.in_flight += 1
-                    cls.most_in_flight = max(cls.most_in_flight, cls.in_flight)
-            if fail:
-                self.send_response(503)
-                self.end_headers()
-                self.wfile.write(b"overloaded")
-                return
-        try:
-            response = httpx.request(method, cls.target + self.path, content=body,
-                                     headers={"Content-Type": "application/json"}, timeout=120)  # fmt: skip
-        finally:
-            if self.path == "/classify":
-                with cls.lock:
-                    cls.in_flight -= 1
-        self.send_response(response.status_code)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(response.content)
-
-    def do_GET(self):  # noqa: N802
-        self._forward("GET")
-
-    def do_POST(self):  # noqa: N802
-        self._forward("POST")
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def proxy(server):
-    _Proxy.target, _Proxy.failures, _Proxy.seen, _Proxy.requests, _Proxy.most_in_flight = server, 0, 0, 0, 0
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with FlakyProxy(server, "/classify") as proxy:
+        yield proxy
 
 
 def test_many_texts_over_several_concurrent_requests_come_back_in_order(proxy, reference, problems):
     questions = [q for q in problems["problem"] for _ in range(7)]  # 42 texts, all different
     partials = [f"# Step {i}.\nx = {i} * {i + 3}\n<end_of_code>\n" * (1 + i % 4) for i in range(len(questions))]
-    with ServerPPMScorer(proxy, max_length=MAX_LENGTH, batch_size=3, concurrency=4) as scorer:
-        _Proxy.requests, _Proxy.most_in_flight = 0, 0  # the start-up probes are not counted
+    with ServerPPMScorer(proxy.url, max_length=MAX_LENGTH, batch_size=3, concurrency=4) as scorer:
+        proxy.requests, proxy.most_in_flight = 0, 0  # the start-up probes are not counted
         values = scorer.score(questions, partials)
-    assert _Proxy.requests == math.ceil(len(questions) / 3)  # batches of 3 texts per request
-    assert _Proxy.most_in_flight >= 2  # several requests in flight at once
+    assert proxy.requests == math.ceil(len(questions) / 3)  # batches of 3 texts per request
+    assert proxy.most_in_flight >= 2  # several requests in flight at once
     expected = reference.score(questions, partials)
     assert len({round(v, 3) for v in expected}) > 20  # distinct values: a shuffled order would show
     assert max(abs(a - b) for a, b in zip(values, expected)) < 1e-3
@@ -338,16 +282,16 @@ def test_many_texts_over_several_concurrent_requests_come_back_in_order(proxy, r
 
 def test_transient_failures_are_retried_with_back_off(proxy, reference, problems):
     questions, partials = _pairs(problems)
-    with ServerPPMScorer(proxy, max_length=MAX_LENGTH, backoff=0.05, concurrency=1) as scorer:
-        _Proxy.failures, _Proxy.seen = 2, 0
+    with ServerPPMScorer(proxy.url, max_length=MAX_LENGTH, backoff=0.05, concurrency=1) as scorer:
+        proxy.failures, proxy.seen = 2, 0
         values = scorer.score(questions, partials)
-        assert _Proxy.seen == 2
+        assert proxy.seen == 2
         assert max(abs(a - b) for a, b in zip(values, reference.score(questions, partials))) < 1e-3
-        _Proxy.failures, _Proxy.seen = 100, 0
+        proxy.failures, proxy.seen = 100, 0
         scorer.max_retries = 1
         with pytest.raises(ServerUnreachableError, match=r"PPM server .*after 2 attempts.*HTTP 503"):
             scorer.score(questions[:1], partials[:1])
-        assert _Proxy.seen == 2
+        assert proxy.seen == 2
 
 
 def test_an_unreachable_server_fails_fast_naming_its_url():

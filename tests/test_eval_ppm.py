@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from tiny_ppm import train_tiny_ppm
 
-from rstar_trl import PPMConfig, PPMTrainer, format_prompt, render_step
+from rstar_trl import format_prompt, render_step
 from rstar_trl.format import build_program, split_steps
 from rstar_trl.hub import save_dataset_folder
 from rstar_trl.ppm import PPMScorer, ppm_text
@@ -282,9 +283,6 @@ def test_update_card_section_replaces_its_own_section_and_keeps_the_rest(tmp_pat
 def trained_ppm(tiny_policy, tmp_path_factory) -> str:
     """A PPM as `PPMTrainer` saves it (value transform tanh(r / 5) in its config), trained a few steps on pairs of a
     right vs a wrong final step of tiny problems (other problems than those evaluated), with a model card."""
-    from transformers import AutoTokenizer
-
-    torch.manual_seed(0)
     problems = generate_problems(32, level=(1, 2), seed=101)
     prompts = [format_prompt(p["problem"]) + "".join(render_step(s) for s in p["steps"][:-1]) for p in problems]
     pairs = Dataset.from_dict({
@@ -293,14 +291,7 @@ def trained_ppm(tiny_policy, tmp_path_factory) -> str:
         "rejected": [render_step(p["steps"][-1]).replace(f"{{{p['answer']}}}", f"{{{int(p['answer']) + 7}}}")
                      for p in problems],
     })  # fmt: skip
-    path = str(tmp_path_factory.mktemp("trained_ppm"))
-    args = PPMConfig(output_dir=path, per_device_train_batch_size=8, learning_rate=1e-3, max_steps=4, bf16=False,
-                     gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
-                     disable_tqdm=True, seed=0)  # fmt: skip
-    trainer = PPMTrainer(tiny_policy, args=args, train_dataset=pairs,
-                         processing_class=AutoTokenizer.from_pretrained(tiny_policy))  # fmt: skip
-    trainer.train()
-    trainer.save_model(path)
+    path = train_tiny_ppm(tiny_policy, pairs, str(tmp_path_factory.mktemp("trained_ppm")), max_steps=4)
     Path(path, "README.md").write_text("# PPM card\n\nTraining details.\n")
     return path
 

@@ -6,11 +6,11 @@ import time
 
 import psutil
 import pytest
-import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from tiny_ppm import train_tiny_ppm
+from transformers import AutoModelForSequenceClassification
 
-from rstar_trl import MCTSConfig, MCTSGenerator, PPMConfig, PPMTrainer, SearchTree, format_prompt
+from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree, format_prompt
 from rstar_trl.ppm import TransformersPPMScorer, VLLMPPMScorer
 from rstar_trl.tiny import tiny_splits, to_dataset
 
@@ -22,21 +22,13 @@ def ppm_path(tiny_policy, tmp_path_factory) -> str:
     """A PPM checkpoint as `PPMTrainer` saves it: initialised from the policy, trained briefly on pairs from the
     tiny problems (correct vs wrong first step), saved with `save_model`. Quality is not the point here; the
     checkpoint format, the scorers and Eq. 3 are."""
-    torch.manual_seed(0)
     rows = tiny_splits()["train"][:32]
     pairs = Dataset.from_dict({
         "prompt": [format_prompt(p["problem"]) for p in rows],
         "chosen": [f"# The answer.\nprint({p['answer']})\n<end_of_code>" for p in rows],
         "rejected": [f"# The answer.\nprint({int(p['answer']) + 7})\n<end_of_code>" for p in rows],
     })  # fmt: skip
-    path = str(tmp_path_factory.mktemp("ppm"))
-    args = PPMConfig(output_dir=path, per_device_train_batch_size=8, learning_rate=1e-3, max_steps=8, bf16=False,
-                     gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
-                     disable_tqdm=True, seed=0)  # fmt: skip
-    trainer = PPMTrainer(tiny_policy, args=args, train_dataset=pairs,
-                         processing_class=AutoTokenizer.from_pretrained(tiny_policy))  # fmt: skip
-    trainer.train()
-    trainer.save_model(path)
+    path = train_tiny_ppm(tiny_policy, pairs, str(tmp_path_factory.mktemp("ppm")), max_steps=8)
     _, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     return path

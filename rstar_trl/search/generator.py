@@ -112,7 +112,8 @@ class MCTSConfig:
         server_url: base URL of the generation server (backend="server").
         server_model: served model name (default: the server's first).
         server_concurrency: requests in flight to the server.
-        server_max_retries: retries of a request that fails transiently (with exponential back-off).
+        server_max_retries: retries of a request to a generation or PPM server that fails transiently (with
+            exponential back-off).
         seed: seed of all sampling. Each expansion's seed derives from (seed, problem index, node), so a
             problem's tree does not depend on batching, sharding over processes or resuming.
         prompt_template: "policy" (fine-tuned policies), "few_shot" (round-1 bootstrap model) or a template
@@ -204,7 +205,11 @@ class MCTSConfig:
     )
     server_concurrency: int = field(default=64, metadata={"help": "backend='server': requests in flight."})
     server_max_retries: int = field(
-        default=5, metadata={"help": "backend='server': retries of a failed request (exponential back-off)."}
+        default=5,
+        metadata={
+            "help": "backend='server', and a PPM server (--ppm_server_url): retries of a request that fails "
+            "transiently (exponential back-off)."
+        },
     )
     seed: int = field(
         default=42,

@@ -137,3 +137,16 @@ def test_grpo_recipe_rejects_bad_input(tmp_path):
     assert missing.returncode != 0 and "--round_dir" in missing.stderr and "does not exist" in missing.stderr
     nothing = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert nothing.returncode != 0 and "--model_name_or_path" in nothing.stderr
+
+
+def test_grpo_recipe_explains_every_option_and_trains_in_float32_on_cpu(tmp_path):
+    import dataclasses
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grpo_recipe", ROOT / "recipes" / "grpo.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    for field in dataclasses.fields(recipe.GRPOScriptArguments):
+        assert field.metadata.get("help"), field.name
+    config = recipe.RecipeGRPOConfig(output_dir=str(tmp_path), report_to="none")
+    assert config.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())

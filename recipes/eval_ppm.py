@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from trl import TrlParser
 
 import rstar_trl
-from rstar_trl.ppm import read_value_transform
+from rstar_trl.ppm import load_ppm_scorer, read_value_transform
 from rstar_trl.ppm.quality import (
     DEFAULT_THRESHOLD_GRID,
     RAW_PROMPT,
@@ -56,6 +56,7 @@ from rstar_trl.ppm.quality import (
     validate_processbench,
     write_quality_report,
 )
+from rstar_trl.solve import ppm_scorer_options
 
 TINY_SPLITS = {"tiny-validation": "validation", "tiny-test": "test", "tiny-train": "train"}
 
@@ -213,15 +214,7 @@ def _label(source: str, split: str | None, limit: int | None) -> str:
 
 def _scorer(args: EvalPPMConfig):
     """The PPM scorer, reading questions as whole prompts (the report formats them)."""
-    if args.ppm_backend == "vllm":
-        from rstar_trl.ppm import VLLMPPMScorer
-
-        return VLLMPPMScorer(args.ppm_path, max_length=args.ppm_max_length, prompt_template=RAW_PROMPT,
-                             gpu_memory_utilization=args.ppm_gpu_memory_utilization, dtype=args.dtype)  # fmt: skip
-    from rstar_trl.ppm import TransformersPPMScorer
-
-    return TransformersPPMScorer(args.ppm_path, device=args.device, batch_size=args.ppm_batch_size,
-                                 max_length=args.ppm_max_length, prompt_template=RAW_PROMPT)  # fmt: skip
+    return load_ppm_scorer(args.ppm_path, args.ppm_backend, **ppm_scorer_options(args, RAW_PROMPT))
 
 
 def main(args: EvalPPMConfig) -> dict:

@@ -885,19 +885,19 @@ def build_ppm_scorer(args: TestTimeConfig) -> StepScorer:
         raise ValueError(
             "this method needs a process preference model: pass --ppm_path or --ppm_server_url (or a scorer as ppm=)"
         )
+    from .ppm import load_ppm_scorer
+
+    return load_ppm_scorer(args.ppm_path, args.ppm_backend, **ppm_scorer_options(args, args.template))
+
+
+def ppm_scorer_options(args, prompt_template: str) -> dict:
+    """The options of the PPM scorer `args.ppm_backend` builds (`load_ppm_scorer`), from settings named like
+    `TestTimeConfig`'s: ppm_max_length, and ppm_batch_size and device (transformers) or ppm_gpu_memory_utilization
+    and dtype (vLLM)."""
+    options = {"max_length": args.ppm_max_length, "prompt_template": prompt_template}
     if args.ppm_backend == "vllm":
-        from .ppm import VLLMPPMScorer
-
-        return VLLMPPMScorer(
-            args.ppm_path, max_length=args.ppm_max_length, prompt_template=args.template,
-            gpu_memory_utilization=args.ppm_gpu_memory_utilization, dtype=args.dtype,
-        )  # fmt: skip
-    from .ppm import TransformersPPMScorer
-
-    return TransformersPPMScorer(
-        args.ppm_path, device=args.device, batch_size=args.ppm_batch_size, max_length=args.ppm_max_length,
-        prompt_template=args.template,
-    )  # fmt: skip
+        return {**options, "gpu_memory_utilization": args.ppm_gpu_memory_utilization, "dtype": args.dtype}
+    return {**options, "device": args.device, "batch_size": args.ppm_batch_size}
 
 
 class _Shared:

@@ -36,7 +36,7 @@ from ..closing import Closeable
 from ..executor import PythonExecutor
 from ..format import CODE_END, STEP_END, STEP_MARKERS, Step, build_program, render_steps, split_steps
 from ..grading import extract_answer, grade_answer
-from .scorer import PPMScorer, TransformersPPMScorer
+from .scorer import PPMScorer, load_ppm_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -244,18 +244,11 @@ class PPMReward(_Reward):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}: use one of {list(AGGREGATIONS)} (or 'product')")
         if isinstance(ppm, str):
-            if backend == "transformers":
-                if "device" not in scorer_kwargs:
-                    from accelerate import PartialState
+            if backend == "transformers" and "device" not in scorer_kwargs:
+                from accelerate import PartialState
 
-                    scorer_kwargs["device"] = PartialState().device  # this process's device under accelerate
-                self.scorer: PPMScorer = TransformersPPMScorer(ppm, **scorer_kwargs)
-            elif backend == "vllm":
-                from .scorer import VLLMPPMScorer
-
-                self.scorer = VLLMPPMScorer(ppm, **scorer_kwargs)
-            else:
-                raise ValueError(f"backend must be 'transformers' or 'vllm', got {backend!r}")
+                scorer_kwargs["device"] = PartialState().device  # this process's device under accelerate
+            self.scorer: PPMScorer = load_ppm_scorer(ppm, backend, **scorer_kwargs)
             self._owns_scorer = True
         elif isinstance(ppm, PPMScorer) or callable(getattr(ppm, "score", None)):
             if scorer_kwargs:

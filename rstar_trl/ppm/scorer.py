@@ -42,6 +42,7 @@ __all__ = [
     "TransformersPPMScorer",
     "VLLMPPMScorer",
     "ValueTransform",
+    "load_ppm_scorer",
     "ppm_text",
     "read_value_transform",
     "value_from_score",
@@ -388,6 +389,19 @@ class VLLMPPMScorer(PPMScorer):
 
             shutdown_engine(self.llm)
             self._owns_engine = False
+
+
+PPM_BACKENDS = ("transformers", "vllm")
+
+
+def load_ppm_scorer(path: str, backend: str = "transformers", **options) -> PPMScorer:
+    """The scorer of the PPM checkpoint `path` on `backend`: "transformers" (`TransformersPPMScorer(path, **options)`)
+    or "vllm" (`VLLMPPMScorer(path, **options)`, vLLM's pooling runner). A server is `ServerPPMScorer`."""
+    if backend == "transformers":
+        return TransformersPPMScorer(path, **options)
+    if backend == "vllm":
+        return VLLMPPMScorer(path, **options)
+    raise ValueError(f"the PPM backend must be one of {list(PPM_BACKENDS)}, got {backend!r}")
 
 
 def _engine_hf_config(llm, model) -> PretrainedConfig | str | None:

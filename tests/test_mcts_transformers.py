@@ -116,3 +116,62 @@ def test_loaded_model_without_tokenizer_is_refused(policy, problems):
     model = AutoModelForCausalLM.from_pretrained(policy)
     with pytest.raises(ValueError, match="processing_class"):
         MCTSGenerator(model, _config(), problems)
+
+
+def test_prefix_cache_finds_the_longest_cached_prefix_and_evicts_the_least_recently_used():
+    import torch
+
+    from rstar_trl.search.backends import PrefixCache
+
+    def kv(length):  # one layer of (keys, values), 4 bytes per float: 2 * 2 * length * 4 * 4 bytes
+        return [(torch.full((2, length, 4), float(length)), torch.zeros(2, length, 4))]
+
+    entry_bytes = 2 * 2 * 4 * 4  # per token
+    cache = PrefixCache(max_bytes=entry_bytes * 9)
+    cache.add([1, 2, 3], kv(3))
+    cache.add([1, 2, 3, 4, 5], kv(5))
+    prefix, layers = cache.longest_prefix([1, 2, 3, 4, 5, 6])
+    assert prefix == (1, 2, 3, 4, 5) and layers[0][0].shape == (2, 5, 4)
+    assert cache.longest_prefix([1, 2, 3, 9])[0] == (1, 2, 3)
+    assert cache.longest_prefix([1, 2]) is None and cache.longest_prefix([7, 2, 3, 4]) is None
+    assert cache.longest_prefix([1, 2, 3, 4]) == ((1, 2, 3), cache.longest_prefix([1, 2, 3])[1])
+    # Full: 3 + 5 tokens cached; 2 more evict the least recently used entry ([1..5]: [1, 2, 3] was just used).
+    cache.add([8, 9], kv(2))
+    assert cache.bytes <= cache.max_bytes
+    assert cache.longest_prefix([1, 2, 3, 4, 5, 6])[0] == (1, 2, 3)
+    assert cache.longest_prefix([8, 9, 10])[0] == (8, 9)
+    cache.add(list(range(100)), kv(100))  # larger than the whole budget: not cached, nothing evicted
+    assert cache.longest_prefix(list(range(101))) is None and cache.longest_prefix([8, 9])[0] == (8, 9)
+
+
+def test_prefix_cache_changes_no_sample_and_encodes_only_the_new_tokens(policy, problems):
+    from rstar_trl.search import TransformersBackend
+
+    generator = MCTSGenerator(policy, _config(prefix_cache_mb=0), problems)
+    plain = generator.backend
+    assert plain.prefix_cache is None
+    cached = TransformersBackend(policy, device="cpu", batch_size=16, torch_threads=1, prefix_cache_mb=64)
+    tiny_budget = TransformersBackend(policy, device="cpu", batch_size=16, torch_threads=1, prefix_cache_mb=1.5)
+    prompts = [generator.args.template.replace("{question}", p) for p in problems["problem"][:6]]
+    for depth in range(3):  # a problem prompt, then its first sample's continuation, as MCTS asks for them
+        outs = [b.generate(prompts, 3, STEP_STOP_STRINGS, 48, 0.8, 0.95, seed=depth)
+                for b in (plain, cached, tiny_budget)]  # fmt: skip
+        assert outs[1] == outs[0] and outs[2] == outs[0]
+        # the same prompts again (a retried expansion), then with the answer prompts' n=1
+        assert cached.generate(prompts, 3, STEP_STOP_STRINGS, 48, 0.8, 0.95, seed=depth) == outs[0]
+        assert cached.generate(prompts, 1, STEP_STOP_STRINGS, 48, 0.8, 0.95, seed=depth + 7) == plain.generate(
+            prompts, 1, STEP_STOP_STRINGS, 48, 0.8, 0.95, seed=depth + 7
+        )
+        prompts = [prompt + row[0].text + "\n" for prompt, row in zip(prompts, outs[0])]
+    assert cached.prefix_cache.hits > 0 and cached.prefix_cache.reused_tokens > 0
+    small = tiny_budget.prefix_cache  # room for a few prompts: entries are evicted and reused
+    assert 0 < small.bytes <= small.max_bytes and len(small.entries) < len(cached.prefix_cache.entries)
+
+
+def test_trees_are_the_same_with_and_without_the_prefix_cache(policy, problems):
+    subset = problems.select(range(4))
+    with_cache = MCTSGenerator(policy, _config(num_rollouts=3), subset)
+    trees = with_cache.generate()
+    assert with_cache.backend.prefix_cache.reused_tokens > 0
+    without = MCTSGenerator(policy, _config(num_rollouts=3, prefix_cache_mb=0), subset)
+    assert trees["tree"] == without.generate()["tree"]

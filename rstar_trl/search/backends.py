@@ -11,11 +11,19 @@ or resumed after an interruption (`MCTSGenerator` derives each expansion's seed 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.cache_utils import DynamicLayer
 
 from ..closing import Closeable
 
@@ -132,10 +140,13 @@ class TransformersBackend(GenerationBackend):
         batch_size: sequences (prompts x samples) per `generate` call.
         torch_threads: if set, `torch.set_num_threads` for CPU generation (process-wide). A tiny model generates
             over 50x faster with 1 thread than with 2 threads on 2 busy cores (OpenMP threads spin on each other).
+        prefix_cache_mb: memory for the KV cache of prefixes already encoded (`PrefixCache`), 0 to turn it off.
+            MCTS asks for a node's continuations, then for its children's: with the cache, a prefix is encoded once
+            and later calls encode only the tokens after the longest cached prefix (a step, or an executed output).
     """
 
     def __init__(self, model, tokenizer=None, device: str | None = None, dtype: str = "auto", batch_size: int = 64,
-                 torch_threads: int | None = None):  # fmt: skip
+                 torch_threads: int | None = None, prefix_cache_mb: float = 1024):  # fmt: skip
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if torch_threads is not None:
@@ -161,6 +172,9 @@ class TransformersBackend(GenerationBackend):
                 raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.batch_size = batch_size
+        self.prefix_cache = None
+        if prefix_cache_mb > 0 and _plain_cache(model):
+            self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
 
     @property
     def max_context(self) -> int | None:
@@ -168,6 +182,11 @@ class TransformersBackend(GenerationBackend):
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return count_tokens(self.tokenizer, texts)
+
+    def close(self) -> None:
+        """Free the prefix cache (call `prefix_cache.clear()` too after changing the model's weights in place)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     @torch.inference_mode()
     def generate(self, prompts, n, stop, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
@@ -199,25 +218,22 @@ class TransformersBackend(GenerationBackend):
         return results
 
     def _generate_batch(self, ids, seeds, n, stop, stop_ids, eos_ids, max_new_tokens, temperature, top_p):
-        pad = self.tokenizer.pad_token_id
-        width = max(len(x) for x in ids)
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)  # (prompts, width)
-        attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
         kwargs = {}
         if stop_ids is None:  # multi-token markers: let transformers match the strings
             kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
-        if n > 1 and width > 1:
-            # The n samples of a prompt share its prefill: run the prompt (all but its last token) once, then
-            # repeat the KV cache n times. `generate` alone would encode every prompt n times.
-            prefill = self.model(
-                input_ids=input_ids[:, :-1],
-                attention_mask=attention_mask[:, :-1],
-                position_ids=(attention_mask[:, :-1].cumsum(-1) - 1).clamp(min=0),
-                use_cache=True,
-            )
-            cache = prefill.past_key_values
+        if max(len(x) for x in ids) > 1 and (n > 1 or self.prefix_cache is not None):
+            # Encode every prompt but its last token here (once, not n times: `generate` alone would encode every
+            # prompt n times), from the longest prefix cached, then repeat the KV cache n times.
+            input_ids, attention_mask, cache = self._prefill(ids)
             cache.batch_repeat_interleave(n)
             kwargs["past_key_values"] = cache
+        else:
+            pad = self.tokenizer.pad_token_id
+            width = max(len(x) for x in ids)
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
+            attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        pad = self.tokenizer.pad_token_id
+        width = input_ids.shape[1]
         input_ids = input_ids.repeat_interleave(n, dim=0)  # (prompts * n, width)
         attention_mask = attention_mask.repeat_interleave(n, dim=0)
         processors = LogitsProcessorList()
@@ -258,6 +274,131 @@ class TransformersBackend(GenerationBackend):
             reason = "stop" if stopped else ("eos" if ended_by_eos else "length")
             completions.append(Completion(text, len(tokens), reason))
         return completions
+
+    def _prefill(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+        """Encode every prompt but its last token into a KV cache, starting from its longest cached prefix.
+
+        Row i is laid out as [padding, cached prefix (c_i tokens), padding, new tokens (u_i), last token]: the
+        cached parts are right-aligned in the first `width_cached` columns, the new tokens in the next `width_new`.
+        Padding is masked out and positions count unmasked tokens only (`cumsum` of the mask), so every token has
+        the position and attends to the tokens it would have without the holes. Returns (input ids, attention mask,
+        cache) for `generate`, whose first step then encodes only the last token."""
+        pad = self.tokenizer.pad_token_id
+        hits = [self.prefix_cache.longest_prefix(x[:-1]) if self.prefix_cache else None for x in ids]
+        cached = [len(hit[0]) if hit else 0 for hit in hits]
+        new = [x[c:-1] for x, c in zip(ids, cached)]
+        width_cached, width_new = max(cached), max(len(t) for t in new)
+        rows, masks = [], []
+        for x, c, t in zip(ids, cached, new):
+            rows.append([pad] * (width_cached - c) + x[:c] + [pad] * (width_new - len(t)) + t + x[-1:])
+            masks.append([0] * (width_cached - c) + [1] * c + [0] * (width_new - len(t)) + [1] * (len(t) + 1))
+        input_ids = torch.tensor(rows, device=self.device)  # (prompts, width_cached + width_new + 1)
+        attention_mask = torch.tensor(masks, device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        if width_cached:
+            layers = len(hits[next(i for i, hit in enumerate(hits) if hit)][1])
+            for layer in range(layers):
+                keys = values = None
+                for i, hit in enumerate(hits):
+                    if not hit:
+                        continue
+                    k, v = hit[1][layer]
+                    if keys is None:
+                        shape = (len(ids), k.shape[0], width_cached, k.shape[-1])
+                        keys = k.new_zeros(shape)
+                        values = v.new_zeros((*shape[:3], v.shape[-1]))
+                    keys[i, :, width_cached - cached[i] :] = k
+                    values[i, :, width_cached - cached[i] :] = v
+                cache.update(keys, values, layer)
+        if width_new:
+            mask = attention_mask[:, :-1]
+            self.model(
+                input_ids=input_ids[:, width_cached:-1],
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, width_cached:],
+                past_key_values=cache,
+                use_cache=True,
+            )
+        if self.prefix_cache is not None:
+            keep = attention_mask[:, :-1].bool()
+            for i, x in enumerate(ids):
+                if new[i]:  # a prefix seen before is already cached
+                    kv = [(layer.keys[i][:, keep[i]], layer.values[i][:, keep[i]]) for layer in cache.layers]
+                    self.prefix_cache.add(x[:-1], kv)
+        return input_ids, attention_mask, cache
+
+
+def _plain_cache(model) -> bool:
+    """Whether `model` keeps a plain (full-attention) KV cache: the prefix cache stitches those together; sliding
+    windows, recurrent states and the like are left to `generate`."""
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # any model whose cache cannot be built from its config alone
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+class PrefixCache:
+    """Key/value tensors of token prefixes already encoded, least recently used first out, within `max_bytes`.
+
+    `longest_prefix(ids)` finds the longest cached prefix of `ids` in O(len(ids)): every entry is indexed by
+    (length, rolling hash of its tokens), and the candidate prefixes of `ids` are hashed as they grow. Written by
+    hand because transformers has no prefix cache (vLLM's automatic prefix caching plays this part there).
+    """
+
+    _MOD = (1 << 61) - 1
+
+    def __init__(self, max_bytes: float):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.entries: OrderedDict[tuple[int, int], tuple[tuple[int, ...], list, int]] = OrderedDict()
+        self.lengths: dict[int, int] = {}  # length -> entries of that length
+        self.hits = self.misses = self.reused_tokens = 0
+
+    def _hashes(self, ids: Sequence[int]) -> list[int]:
+        h, out = 0, []
+        for token in ids:
+            h = (h * 1_000_003 + int(token) + 1) % self._MOD
+            out.append(h)
+        return out
+
+    def longest_prefix(self, ids: Sequence[int]) -> tuple[tuple[int, ...], list] | None:
+        """(prefix, per-layer (keys, values) of shape (heads, len, dim)) of the longest cached prefix of `ids`."""
+        hashes = self._hashes(ids)
+        for length in range(len(ids), 0, -1):
+            if length not in self.lengths:
+                continue
+            key = (length, hashes[length - 1])
+            entry = self.entries.get(key)
+            if entry is not None and entry[0] == tuple(ids[:length]):
+                self.entries.move_to_end(key)
+                self.hits += 1
+                self.reused_tokens += length
+                return entry[0], entry[1]
+        self.misses += 1
+        return None
+
+    def add(self, ids: Sequence[int], kv: list) -> None:
+        if not ids:
+            return
+        key = (len(ids), self._hashes(ids)[-1])
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if key in self.entries or size > self.max_bytes:
+            return
+        self.entries[key] = (tuple(ids), kv, size)
+        self.lengths[len(ids)] = self.lengths.get(len(ids), 0) + 1
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            (length, _), (_, _, freed) = self.entries.popitem(last=False)
+            self.bytes -= freed
+            self.lengths[length] -= 1
+            if not self.lengths[length]:
+                del self.lengths[length]
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.lengths.clear()
+        self.bytes = 0
 
 
 def _signed(c: int) -> int:

@@ -175,3 +175,17 @@ def test_trees_are_the_same_with_and_without_the_prefix_cache(policy, problems):
     assert with_cache.backend.prefix_cache.reused_tokens > 0
     without = MCTSGenerator(policy, _config(num_rollouts=3, prefix_cache_mb=0), subset)
     assert trees["tree"] == without.generate()["tree"]
+
+
+def test_the_preallocated_cache_samples_what_a_growing_cache_samples(policy, problems):
+    from rstar_trl.search import TransformersBackend
+
+    backend = TransformersBackend(policy, device="cpu", batch_size=16, torch_threads=1, prefix_cache_mb=0)
+    prompts = [MCTSConfig().template.replace("{question}", p) for p in problems["problem"][:6]]
+    width = max(backend.count_tokens(prompts))
+    # A budget no longer than the prompts decodes into a preallocated (static) cache, a longer one into a growing
+    # cache: samples that stop within the shorter budget must be the same.
+    short = backend.generate(prompts, 3, STEP_STOP_STRINGS, 48, 0.8, 0.95, seed=5)
+    long = backend.generate(prompts, 3, STEP_STOP_STRINGS, width + 8, 0.8, 0.95, seed=5)
+    stopped = [(a, b) for ra, rb in zip(short, long) for a, b in zip(ra, rb) if a.finish_reason == "stop"]
+    assert stopped and all(a == b for a, b in stopped)

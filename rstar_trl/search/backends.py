@@ -20,6 +20,7 @@ from transformers import (
     DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
+    StaticCache,
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
@@ -172,8 +173,9 @@ class TransformersBackend(GenerationBackend):
                 raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.batch_size = batch_size
+        self._plain = _plain_cache(self.model)  # a full-attention KV cache, which this backend can manage itself
         self.prefix_cache = None
-        if prefix_cache_mb > 0 and _plain_cache(model):
+        if prefix_cache_mb > 0 and self._plain:
             self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
 
     @property
@@ -221,11 +223,21 @@ class TransformersBackend(GenerationBackend):
         kwargs = {}
         if stop_ids is None:  # multi-token markers: let transformers match the strings
             kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
-        if max(len(x) for x in ids) > 1 and (n > 1 or self.prefix_cache is not None):
+        if max(len(x) for x in ids) > 1 and (n > 1 or self._plain):
             # Encode every prompt but its last token here (once, not n times: `generate` alone would encode every
             # prompt n times), from the longest prefix cached, then repeat the KV cache n times.
             input_ids, attention_mask, cache = self._prefill(ids)
-            cache.batch_repeat_interleave(n)
+            if self._plain and max_new_tokens <= input_ids.shape[1]:
+                # A preallocated cache: a growing one copies all its keys and values at every new token, which costs
+                # more than attending over the masked, not yet written tail when that tail (the token budget) is no
+                # longer than the prompts (tiny policy, 64-token steps at depth: 1.23x the tokens/s of MCTS; with a
+                # 256-token budget, 0.95x: hence the condition).
+                static = StaticCache(config=self.model.config, max_cache_len=input_ids.shape[1] + max_new_tokens)
+                for i, layer in enumerate(cache.layers):
+                    static.update(layer.keys.repeat_interleave(n, dim=0), layer.values.repeat_interleave(n, dim=0), i)
+                cache = static
+            else:
+                cache.batch_repeat_interleave(n)
             kwargs["past_key_values"] = cache
         else:
             pad = self.tokenizer.pad_token_id

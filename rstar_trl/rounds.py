@@ -126,7 +126,8 @@ class RoundArguments:
 
     Args:
         dataset, dataset_split, limit, drop_unanswered: see `rstar_trl.load_problems`.
-        unsolved_rollouts: round 4: rollout budgets of extra searches of the problems still unsolved.
+
+    The extra searches of round 4 (`--unsolved_rollouts`) are a search setting: `MCTSConfig.unsolved_rollouts`.
 
     > Parameters of the training data and of the two trainers
 
@@ -186,11 +187,6 @@ class RoundArguments:
         default=False,
         metadata={"help": "Drop problems without a findable gold answer (with a warning) instead of stopping."},
     )
-    unsolved_rollouts: list[int] = field(
-        default_factory=list,
-        metadata={"help": "Extra searches of the problems still unsolved, one per entry, each with this many "
-                  "rollouts and a new seed (round 4 of the paper: 64 128)."},
-    )  # fmt: skip
     tiny_bootstrap_steps: int = field(
         default=600,
         metadata={"help": "Bootstrap training steps of the tiny policy. With the default (600) the policy shipped "
@@ -387,8 +383,6 @@ def plan_round(args: RoundArguments, search: MCTSConfig, lora: RoundModelConfig 
         raise ValueError("--push_to_hub needs --hub_org (the Hub user or organisation of the repos)")
     if args.stop_after is not None and args.stop_after not in ARTIFACTS:
         raise ValueError(f"--stop_after must be one of {list(ARTIFACTS)}, got {args.stop_after!r}")
-    if any(n < 1 for n in args.unsolved_rollouts):
-        raise ValueError(f"--unsolved_rollouts must be positive, got {args.unsolved_rollouts}")
     redo = _parse_redo(args.redo)
 
     given = {"--model_name_or_path": args.model_name_or_path, "--base_model": args.base_model,
@@ -616,8 +610,7 @@ def stage_fingerprint(plan: RoundPlan, args: RoundArguments, search: MCTSConfig,
     """What stage `name`'s output depends on: its settings and its inputs (JSON values, compared field by field)."""
     if name == "trees":
         fingerprint = {
-            **{setting: getattr(search, setting) for setting in _TREE_SETTINGS},
-            "unsolved_rollouts": args.unsolved_rollouts,
+            **{setting: getattr(search, setting) for setting in _TREE_SETTINGS},  # unsolved_rollouts among them
             "ppm_max_length": args.ppm_max_length if plan.search_ppm else None,  # the search PPM's context
             "problems_sha256": plan.problems_sha256,
             "num_problems": len(plan.problems),
@@ -802,14 +795,16 @@ def _scorer_device(state: PartialState) -> str:
 
 
 def _search_trees(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str):
-    """MCTS on every problem, then (round 4) extra searches with new seeds of the problems still unsolved."""
+    """MCTS on every problem; in round 4, problems still unsolved after a pass are searched again (a new tree, a larger
+    budget, a new seed: `MCTSConfig.unsolved_rollouts`)."""
     ppm = None
     if plan.search_ppm_server is not None:  # one PPM served to every search process
         ppm = ServerPPMScorer(plan.search_ppm_server["url"], model=plan.search_ppm_server["model"],
                               checkpoint=plan.search_ppm, max_length=args.ppm_max_length,
                               max_retries=search.server_max_retries)  # fmt: skip
     elif plan.search_ppm is not None:
-        ppm = TransformersPPMScorer(plan.search_ppm, device=_scorer_device(state), max_length=args.ppm_max_length)
+        ppm = TransformersPPMScorer(plan.search_ppm, device=_scorer_device(state), max_length=args.ppm_max_length,
+                                    prefix_cache_mb=search.prefix_cache_mb)  # fmt: skip
     try:
         return _search_passes(plan, args, search, state, folder, ppm)
     finally:
@@ -819,44 +814,43 @@ def _search_trees(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, sta
 
 def _search_passes(plan: RoundPlan, args: RoundArguments, search: MCTSConfig, state: PartialState, folder: str,
                    ppm) -> dict:  # fmt: skip
-    """The search passes of `_search_trees` with the scorer `ppm` (None: Q from terminal rewards only)."""
-    budgets = [search.num_rollouts, *args.unsolved_rollouts]
-    rows = None
+    """The search of `_search_trees` with the scorer `ppm` (None: Q from terminal rewards only): ONE MCTSGenerator run
+    over every problem, in which a problem still unsolved after a pass joins the queue for its next pass at once
+    (`MCTSConfig.unsolved_rollouts`), so the trees in flight stay full to the end. A problem's row is that of its
+    last pass (`search_pass`).
+
+    `info["passes"]` has per pass: its rollouts and seed, the problems searched in it (those still unsolved after
+    the passes before), those it solved, and `stats`, the main process's counts of it (the problems it finished
+    and solved there, tokens); `info["stats"]` is the main process's whole search."""
+    # Only the main process gets the trees back (it writes them); the others keep which problems are solved.
+    config = replace(search, gather_trees="main", output_dir=os.path.join(plan.round_dir, "search", "all"))
+    # The engine's memory goes back (close) before the training stages.
+    with MCTSGenerator(plan.search_policy, args=config, train_dataset=plan.problems, ppm=ppm) as generator:
+        trees = generator.generate()
+        stats = generator.stats
+    del generator
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    reached, solved = trees["search_pass"], trees["solved"]
     passes = []
-    for number, rollouts in enumerate(budgets):
-        if rows is None:
-            todo = list(range(len(plan.problems)))
-        else:
-            todo = [i for i, row in enumerate(rows) if not row["solved"] and row["status"] == "searched"]
-        if not todo:
+    for number, rollouts in enumerate([search.num_rollouts, *search.unsolved_rollouts]):
+        problems = sum(last >= number for last in reached)
+        if not problems:
             break
-        # Only the main process gets the trees back (it writes them); the others keep which problems are solved.
-        config = replace(search, num_rollouts=rollouts, seed=search.seed + number, gather_trees="main",
-                         output_dir=os.path.join(plan.round_dir, "search", f"pass{number}"))  # fmt: skip
-        # The engine's memory goes back (close) before the next pass or the training stages.
-        with MCTSGenerator(plan.search_policy, args=config, train_dataset=plan.problems.select(todo),
-                           ppm=ppm) as generator:  # fmt: skip
-            found = generator.generate().add_column("search_pass", [number] * len(todo))
-            stats = generator.stats
-        del generator
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if rows is None:
-            rows = found.to_list()
-        else:
-            for i, row in zip(todo, found.to_list()):
-                rows[i] = row
-        solved = sum(found["solved"])
-        passes.append({"pass": number, "rollouts": rollouts, "seed": config.seed, "problems": len(todo),
-                       "solved": solved, "stats": stats})  # fmt: skip
-    trees = Dataset.from_list(rows)
-    num_solved = sum(trees["solved"])
+        passes.append({
+            "pass": number, "rollouts": rollouts, "seed": search.seed + number, "problems": problems,
+            "solved": sum(last == number and ok for last, ok in zip(reached, solved)),
+            "stats": {name: stats.get(f"{name}_pass{number}", 0)
+                      for name in ("problems_searched", "problems_solved", "tokens")},
+        })  # fmt: skip
+    num_solved = sum(solved)
     info = {
         "num_problems": len(trees),
         "num_solved": num_solved,
         "solved_rate": num_solved / len(trees),
         "passes": passes,
+        "stats": stats,
         "config": asdict(search),
         **({"ppm_server": plan.search_ppm_server} if plan.search_ppm_server else {}),  # the URL it was scored at
     }

@@ -309,6 +309,11 @@ class TestTimeConfig(MCTSConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.unsolved_rollouts:
+            raise ValueError(
+                f"unsolved_rollouts={self.unsolved_rollouts}: extra passes search the problems a pass left unsolved "
+                "again, which needs gold answers; test-time search has none, so leave it empty"
+            )
         if self.ppm_backend not in ("transformers", "vllm"):
             raise ValueError(f"ppm_backend must be 'transformers' or 'vllm', got {self.ppm_backend!r}")
         if self.ppm_server_url and self.ppm_backend != "transformers":
@@ -892,12 +897,13 @@ def build_ppm_scorer(args: TestTimeConfig) -> StepScorer:
 
 def ppm_scorer_options(args, prompt_template: str) -> dict:
     """The options of the PPM scorer `args.ppm_backend` builds (`load_ppm_scorer`), from settings named like
-    `TestTimeConfig`'s: ppm_max_length, and ppm_batch_size and device (transformers) or ppm_gpu_memory_utilization
-    and dtype (vLLM)."""
+    `TestTimeConfig`'s: ppm_max_length, and ppm_batch_size, device and prefix_cache_mb (transformers) or
+    ppm_gpu_memory_utilization and dtype (vLLM)."""
     options = {"max_length": args.ppm_max_length, "prompt_template": prompt_template}
     if args.ppm_backend == "vllm":
         return {**options, "gpu_memory_utilization": args.ppm_gpu_memory_utilization, "dtype": args.dtype}
-    return {**options, "device": args.device, "batch_size": args.ppm_batch_size}
+    options.update(device=args.device, batch_size=args.ppm_batch_size)
+    return {**options, "prefix_cache_mb": getattr(args, "prefix_cache_mb", 1024)}
 
 
 class _Shared:

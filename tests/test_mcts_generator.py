@@ -7,7 +7,9 @@ import pytest
 from datasets import Dataset
 from replay import ReplayBackend
 
-from rstar_trl.search import MCTSConfig, MCTSGenerator, SearchTree
+from rstar_trl.format import STEP_STOP_STRINGS
+from rstar_trl.search import MCTSConfig, MCTSGenerator, SearchTree, mix_seed
+from rstar_trl.search.shards import ShardStore
 
 GOOD = "# add the numbers\nx = 2 + 3\n<end_of_step>"
 WRONG = "# multiply instead\nx = 2 * 3\n<end_of_step>"
@@ -329,3 +331,167 @@ def test_unexecuted_answers_can_be_allowed_for_policies_that_do_not_write_code()
     generator = MCTSGenerator(backend, _config(num_candidates=1, allow_unexecuted_answers=True), _problems())
     trees = generator.generate()
     assert trees[0]["solved"] and generator.stats.get("dropped_unexecuted_answer", 0) == 0
+
+
+# -- search passes: problems still unsolved searched again in the same run (paper §3.4.2, round 4) -------------
+
+
+class SeededReplay(ReplayBackend):
+    """The scripted backend sampling as a policy does: each request's seed picks which scripted options come first,
+    so a tree depends on its seeds. Records the seeds of every step-generation call, in order."""
+
+    def __init__(self, script, crash_at_seed: int | None = None):
+        super().__init__(lambda so_far: self._rotate(script(so_far)))
+        self.seed = 0
+        self.crash_at_seed = crash_at_seed
+        self.step_calls: list[list[int]] = []
+
+    def _rotate(self, options: list[str]) -> list[str]:
+        k = self.seed % len(options) if options else 0
+        return options[k:] + options[:k]
+
+    def generate(self, prompts, n, stop, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
+        if stop == STEP_STOP_STRINGS:
+            self.step_calls.append(list(seed))
+            if self.crash_at_seed in seed:
+                raise RuntimeError("the machine went away")
+        results = []
+        for prompt, one in zip(prompts, seed):
+            self.seed = one
+            results += super().generate([prompt], n, stop, max_new_tokens, temperature, top_p, [one])
+        return results
+
+    @property
+    def step_seeds(self) -> set[int]:
+        return {seed for call in self.step_calls for seed in call}
+
+
+def _root_seed(seed: int, search_pass: int, index: int) -> int:
+    """The seed of a problem's first root expansion in a pass (run seed + pass, problem index, node 0, attempt 0)."""
+    return mix_seed(seed + search_pass, index, 0, 0)
+
+
+def _shard_rows(folder) -> list[dict]:
+    return [json.loads(line) for path in sorted(folder.glob("shards/*.jsonl")) for line in path.open()]
+
+
+MIXED = ["5", "7", "5", "7", "5", "5"]  # the script never answers 7: those problems stay unsolved in every pass
+
+
+def _mixed_problems(answers=MIXED) -> Dataset:
+    return Dataset.from_dict({"problem": [f"What is 2 + 3? (#{i})" for i in range(len(answers))], "answer": answers})
+
+
+def test_a_problem_unsolved_after_its_pass_gets_a_fresh_search_in_the_same_run(tmp_path):
+    config = dict(num_rollouts=2, num_candidates=1, problems_in_flight=3)
+    baseline = MCTSGenerator(SeededReplay(script), _config(**config), _mixed_problems()).generate()
+    backend = SeededReplay(script)
+    generator = MCTSGenerator(backend, _config(**config, unsolved_rollouts=[2], output_dir=str(tmp_path)),
+                              _mixed_problems())  # fmt: skip
+    trees = generator.generate()
+    assert baseline["search_pass"] == [0] * len(MIXED)
+    assert any(baseline["solved"]) and not all(baseline["solved"])
+    # Solved in pass 0: that row; unsolved: the row of pass 1, a new tree with the pass's budget.
+    assert trees["search_pass"] == [0 if solved else 1 for solved in baseline["solved"]]
+    for i, row in enumerate(trees):
+        if row["search_pass"] == 0:
+            assert row == baseline[i]
+        else:
+            assert row["rollouts"] <= 2 and _root_seed(0, 1, i) in backend.step_seeds
+    assert [trees["solved"][i] for i, answer in enumerate(MIXED) if answer == "7"] == [False, False]
+    # Pass 0 is the search a run without extra passes makes: same seeds, same trees (every pass's row is saved).
+    pass0 = {row["index"]: row for row in _shard_rows(tmp_path) if row["search_pass"] == 0}
+    assert sorted(pass0) == list(range(len(MIXED)))
+    for i, row in pass0.items():
+        assert {k: row[k] for k in baseline.column_names} == baseline[i]
+    stats = generator.stats
+    again = len(MIXED) - sum(baseline["solved"])
+    assert stats["problems_searched_pass0"] == len(MIXED) and stats["problems_searched_pass1"] == again
+    assert stats["problems_solved_pass0"] == sum(baseline["solved"])
+    assert stats["problems_searched"] == len(MIXED)  # the final result, once per problem
+    assert stats["problems_solved"] == sum(trees["solved"]) == stats["problems_solved_pass0"] + stats[
+        "problems_solved_pass1"]  # fmt: skip
+    assert stats["tokens_pass0"] + stats["tokens_pass1"] == stats["tokens"]
+
+
+def test_every_extra_pass_runs_until_the_problem_is_solved_or_the_passes_end():
+    backend = SeededReplay(script)
+    config = _config(num_rollouts=1, unsolved_rollouts=[2, 3], problems_in_flight=2)
+    generator = MCTSGenerator(backend, config, _mixed_problems(["7", "5"]))
+    trees = generator.generate()
+    assert trees["search_pass"][0] == 2 and not trees["solved"][0] and trees["rollouts"][0] <= 3
+    assert {_root_seed(0, 1, 0), _root_seed(0, 2, 0)} <= backend.step_seeds  # seed + pass, the problem's index
+    assert generator.stats["problems_searched_pass2"] == 1
+
+
+def test_the_trees_in_flight_stay_full_while_later_passes_are_queued():
+    # Problems 0 and 2 stay unsolved: each pass 1 joins the queue, ahead of the problems still waiting, when its
+    # pass 0 ends. Searched pass after pass, pass 1 would start only once every pass-0 tree had finished, after
+    # problem 4, searched alone at the end of pass 0 with a slot empty.
+    backend = SeededReplay(script)
+    problems = _mixed_problems(["7", "5", "7", "5", "5"])
+    config = _config(num_rollouts=1, num_candidates=3, unsolved_rollouts=[1], problems_in_flight=2)
+    MCTSGenerator(backend, config, problems).generate()
+    first_call = {}
+    for number, seeds in enumerate(backend.step_calls):
+        for seed in seeds:
+            first_call.setdefault(seed, number)
+    assert first_call[_root_seed(0, 1, 0)] < first_call[_root_seed(0, 0, 4)]  # pass 1 of 0 before pass 0 of 4
+    sizes = [len(seeds) for seeds in backend.step_calls]
+    assert sizes[0] == 2 and all(a >= b for a, b in zip(sizes, sizes[1:])), sizes  # a free slot stays free: no work
+
+
+def test_an_interrupted_run_with_passes_resumes_where_each_problem_stands(tmp_path):
+    problems = _mixed_problems(["5", "7", "7", "5"])
+    config = dict(num_rollouts=2, num_candidates=1, unsolved_rollouts=[2], problems_in_flight=1, shard_size=1)
+    reference = MCTSGenerator(SeededReplay(script), _config(**config), problems).generate()
+    # The machine goes away when problem 1 (unsolved after pass 0) starts its pass 1: its pass-0 row is saved.
+    crashing = SeededReplay(script, crash_at_seed=_root_seed(0, 1, 1))
+    with pytest.raises(RuntimeError, match="went away"):
+        MCTSGenerator(crashing, _config(**config, output_dir=str(tmp_path)), problems).generate()
+    saved = {(row["index"], row["search_pass"]) for row in _shard_rows(tmp_path)}
+    assert (1, 0) in saved and not any(index >= 2 for index, _ in saved)
+
+    backend = SeededReplay(script)
+    generator = MCTSGenerator(backend, _config(**config, output_dir=str(tmp_path)), problems)
+    trees = generator.generate()
+    assert trees.to_dict() == reference.to_dict()  # what an uninterrupted run gives
+    assert _root_seed(0, 0, 1) not in backend.step_seeds  # pass 0 of problem 1 was not searched again...
+    assert _root_seed(0, 1, 1) in backend.step_seeds  # ...its pass 1 was
+    stats = generator.stats
+    assert stats["problems_resumed"] == 1 and stats["problems_resumed_for_pass1"] == 1
+    assert stats["problems_searched"] == 3  # problem 1's last pass, problems 2 and 3
+    again = MCTSGenerator(SeededReplay(script), _config(**config, output_dir=str(tmp_path)), problems)
+    assert again.generate().to_dict() == reference.to_dict() and again.stats["problems_resumed"] == 4
+
+
+def test_problems_without_a_gold_answer_get_no_extra_pass():
+    class Scorer:
+        def score(self, questions, partial_solutions):
+            return [0.0] * len(partial_solutions)
+
+    problems = Dataset.from_dict({"problem": ["What is 2 + 3?"]})  # test time: "unsolved" is not known
+    generator = MCTSGenerator(ReplayBackend(script), _config(unsolved_rollouts=[4]), problems, ppm=Scorer())
+    trees = generator.generate()
+    assert trees["search_pass"] == [0] and "problems_searched_pass1" not in generator.stats
+
+
+def test_of_a_problems_saved_rows_the_latest_pass_wins(tmp_path):
+    store = ShardStore(str(tmp_path), {"seed": 0}, shard_size=1)
+    store.add({"index": 0, "search_pass": 1, "solved": True})
+    store.add({"index": 0, "search_pass": 0, "solved": False})  # a later shard, an earlier pass
+    store.add({"index": 1, "solved": False})  # written before passes existed: pass 0
+    assert store.load() == {0: {"index": 0, "search_pass": 1, "solved": True}, 1: {"index": 1, "solved": False}}
+
+
+def test_output_dirs_searched_before_extra_passes_existed_still_resume(tmp_path):
+    ShardStore(str(tmp_path), {"seed": 0})  # run.json without unsolved_rollouts
+    ShardStore(str(tmp_path), {"seed": 0, "unsolved_rollouts": []}, defaults={"unsolved_rollouts": []})
+    with pytest.raises(ValueError, match=r"unsolved_rollouts: \[\] -> \[64\]"):
+        ShardStore(str(tmp_path), {"seed": 0, "unsolved_rollouts": [64]}, defaults={"unsolved_rollouts": []})
+
+
+def test_unsolved_rollouts_must_be_positive_counts():
+    with pytest.raises(ValueError, match=r"unsolved_rollouts .*\[64, 0\] \(0 is not\)"):
+        MCTSConfig(unsolved_rollouts=[64, 0])
+    assert MCTSConfig(unsolved_rollouts=(64, 128)).unsolved_rollouts == [64, 128]  # as run.json stores it

@@ -114,3 +114,31 @@ def test_test_time_search_values_answers_with_the_ppm(tiny_policy, ppm_path, pro
     for node in answers:
         assert node.correct is None and node.reward == node.ppm_score  # no gold answer: the PPM is the reward
         assert (node.visits, node.value_sum) == (1, node.reward)  # counted once, not Eq. 3 and then again
+
+
+def test_the_ppm_prefix_cache_changes_no_value_and_scores_children_from_their_parent(tiny_policy, ppm_path, problems):
+    plain = TransformersPPMScorer(ppm_path, device="cpu", batch_size=4, prefix_cache_mb=0)
+    cached = TransformersPPMScorer(ppm_path, device="cpu", batch_size=4, prefix_cache_mb=64)
+    assert plain.prefix_cache is None
+    questions = list(problems["problem"])
+    steps = ["# Count them.\nx = 3 + 4\n<end_of_step>\n", "print(x)\n<end_of_code>\n", "<output>7</output>\n"]
+    partials = [""] * len(questions)
+    for step in steps:  # a node, then its child, as MCTS scores them (wave after wave)
+        partials = [p + step for p in partials]
+        for depth_questions, depth_partials in ((questions, partials), (questions[:2], partials[:2])):
+            assert cached.score(depth_questions, depth_partials) == pytest.approx(
+                plain.score(depth_questions, depth_partials), abs=1e-5
+            )
+    assert cached.prefix_cache.hits > 0 and cached.prefix_cache.reused_tokens > 0
+    config = MCTSConfig(num_rollouts=2, num_candidates=3, max_step_tokens=48, max_answer_tokens=32,
+                        executor_workers=1, seed=0, device="cpu", torch_threads=1)  # fmt: skip
+    subset = problems.select(range(3))
+    with_cache = MCTSGenerator(tiny_policy, config, subset, ppm=cached).generate()
+    without = MCTSGenerator(tiny_policy, config, subset, ppm=plain).generate()
+    for a, b in zip(with_cache["tree"], without["tree"]):  # the same trees; values equal up to float rounding
+        nodes_a, nodes_b = SearchTree.from_json(a).nodes, SearchTree.from_json(b).nodes
+        assert [(n.text, n.visits, n.terminal_reason) for n in nodes_a] == [
+            (n.text, n.visits, n.terminal_reason) for n in nodes_b
+        ]
+        assert [n.ppm_score or 0.0 for n in nodes_a] == pytest.approx([n.ppm_score or 0.0 for n in nodes_b], abs=1e-5)
+        assert sum(n.ppm_score is not None for n in nodes_a) > 0

@@ -248,16 +248,20 @@ def test_two_process_launch_runs_a_ppm_guided_round_with_an_extra_search_of_unso
     trees = load_dataset_folder(str(round_dir / "trees"))
     assert len(trees) == 24 and trees["problem"] == load_dataset_folder(str(run_dir / "round_1" / "trees"))[
         "problem"][:24]  # fmt: skip
-    passes = json.loads((round_dir / "trees" / "DONE.json").read_text())["passes"]
-    assert passes[0]["problems"] == 24 and passes[0]["stats"]["scoring_s"] > 0  # PPM-initialised Q (Eq. 3)
+    done = json.loads((round_dir / "trees" / "DONE.json").read_text())
+    passes = done["passes"]
+    assert passes[0]["problems"] == 24 and done["stats"]["scoring_s"] > 0  # PPM-initialised Q (Eq. 3)
     if len(passes) > 1:
         assert passes[1]["rollouts"] == 2 and passes[1]["seed"] == passes[0]["seed"] + 1
         assert set(trees["search_pass"]) <= {0, 1} and trees["search_pass"].count(1) == passes[1]["problems"]
+        assert passes[0]["solved"] + passes[1]["solved"] == sum(trees["solved"])
     else:
         assert all(trees["solved"])
     assert result.stdout.count("Round 2 done") == 1  # only the main process reports
-    shards = [path.name[:7] for path in (round_dir / "search" / "pass0" / "shards").glob("*.jsonl")]
-    assert sorted(set(shards)) == ["rank000", "rank001"]  # both processes searched their share
+    shards = list((round_dir / "search" / "all" / "shards").glob("*.jsonl"))
+    assert {path.name[:7] for path in shards} == {"rank000", "rank001"}  # both processes searched their share
+    for path in shards:  # each problem's passes all ran in its own process (index % 2 == rank)
+        assert all(json.loads(line)["index"] % 2 == int(path.name[4:7]) for line in path.open())
     policy = json.loads((round_dir / "policy" / "DONE.json").read_text())
     assert policy["global_step"] == 6
     assert policy["world_size"] == 2  # the trainers ran data-parallel over both processes
@@ -659,7 +663,7 @@ def test_shipped_recipes_parse(tmp_path):
         args, search = TrlParser((RoundArguments, RoundSearchConfig)).parse_args_and_config(["--config", str(recipe)])
         assert args.round == (k - 1) % 4 + 1, recipe
         assert search.c_puct == 2.0 and search.max_depth == 16, recipe
-        assert (args.round == 4) == bool(args.unsolved_rollouts), recipe
+        assert (args.round == 4) == bool(search.unsolved_rollouts), recipe
 
 
 def test_dataset_folders_round_trip(tmp_path):

@@ -275,6 +275,8 @@ def test_the_solver_names_bad_input():
         solver.solve([Q1], method="weighted_maj@4")
     with pytest.raises(ValueError, match="unknown method"):
         SolverConfig(method="vote@4")
+    with pytest.raises(ValueError, match=r"unsolved_rollouts=\[4\]: .*needs gold answers"):  # none at test time
+        SolverConfig(unsolved_rollouts=[4])
 
 
 # -- end to end on the tiny policy ------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from transformers import (
 
 from rstar_trl.closing import Closeable
 from rstar_trl.format import POLICY_PROMPT, format_prompt
+from rstar_trl.search.backends import PrefixCache, _plain_cache, encode_with_prefix_cache
 
 __all__ = [
     "LEGACY_VALUE_TRANSFORM",
@@ -264,6 +265,8 @@ class TransformersPPMScorer(PPMScorer):
         prompt_template: see `PPMScorer`.
         value_transform: override the checkpoint's value transform (e.g. to compare transforms on one model);
             default (None): the one the checkpoint's config records.
+        prefix_cache_mb: memory for the KV cache of texts already scored (0: off). MCTS scores a node's children
+            after the node itself: each child then encodes only its new step (the parent's text is cached).
     """
 
     def __init__(
@@ -275,6 +278,7 @@ class TransformersPPMScorer(PPMScorer):
         max_length: int | None = 2048,
         prompt_template: str = POLICY_PROMPT,
         value_transform: ValueTransform | Mapping | None = None,
+        prefix_cache_mb: float = 1024,
     ):
         if isinstance(model_or_path, str):
             model = AutoModelForSequenceClassification.from_pretrained(model_or_path)
@@ -299,6 +303,14 @@ class TransformersPPMScorer(PPMScorer):
         self._pad_token_id = next(
             (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
         )  # any id works: padded positions are masked and never read
+        self.prefix_cache = (
+            PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 and _plain_cache(model) else None
+        )
+
+    def close(self) -> None:
+        """Free the prefix cache (call `prefix_cache.clear()` too after changing the model's weights in place)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     @torch.inference_mode()
     def raw_scores(self, questions: list[str], partial_solutions: list[str]) -> list[float]:
@@ -312,6 +324,13 @@ class TransformersPPMScorer(PPMScorer):
         scores = [math.nan] * len(ids)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
+            if self.prefix_cache is not None:  # only the tokens after the longest text scored before
+                with _capture_token_scores(head) as captured:
+                    encode_with_prefix_cache(self.model, [ids[i] for i in chunk], self._pad_token_id, device,
+                                             self.prefix_cache, hold_back=0)  # fmt: skip
+                for i, score in zip(chunk, captured[0][:, -1, 0].float().tolist()):
+                    scores[i] = score
+                continue
             lengths = torch.tensor([len(ids[i]) for i in chunk])
             width = int(lengths.max())
             input_ids = torch.full((len(chunk), width), self._pad_token_id, dtype=torch.long)

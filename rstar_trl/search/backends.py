@@ -288,56 +288,69 @@ class TransformersBackend(GenerationBackend):
         return completions
 
     def _prefill(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
-        """Encode every prompt but its last token into a KV cache, starting from its longest cached prefix.
-
-        Row i is laid out as [padding, cached prefix (c_i tokens), padding, new tokens (u_i), last token]: the
-        cached parts are right-aligned in the first `width_cached` columns, the new tokens in the next `width_new`.
-        Padding is masked out and positions count unmasked tokens only (`cumsum` of the mask), so every token has
-        the position and attends to the tokens it would have without the holes. Returns (input ids, attention mask,
-        cache) for `generate`, whose first step then encodes only the last token."""
-        pad = self.tokenizer.pad_token_id
-        hits = [self.prefix_cache.longest_prefix(x[:-1]) if self.prefix_cache else None for x in ids]
-        cached = [len(hit[0]) if hit else 0 for hit in hits]
-        new = [x[c:-1] for x, c in zip(ids, cached)]
-        width_cached, width_new = max(cached), max(len(t) for t in new)
-        rows, masks = [], []
-        for x, c, t in zip(ids, cached, new):
-            rows.append([pad] * (width_cached - c) + x[:c] + [pad] * (width_new - len(t)) + t + x[-1:])
-            masks.append([0] * (width_cached - c) + [1] * c + [0] * (width_new - len(t)) + [1] * (len(t) + 1))
-        input_ids = torch.tensor(rows, device=self.device)  # (prompts, width_cached + width_new + 1)
-        attention_mask = torch.tensor(masks, device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        if width_cached:
-            layers = len(hits[next(i for i, hit in enumerate(hits) if hit)][1])
-            for layer in range(layers):
-                keys = values = None
-                for i, hit in enumerate(hits):
-                    if not hit:
-                        continue
-                    k, v = hit[1][layer]
-                    if keys is None:
-                        shape = (len(ids), k.shape[0], width_cached, k.shape[-1])
-                        keys = k.new_zeros(shape)
-                        values = v.new_zeros((*shape[:3], v.shape[-1]))
-                    keys[i, :, width_cached - cached[i] :] = k
-                    values[i, :, width_cached - cached[i] :] = v
-                cache.update(keys, values, layer)
-        if width_new:
-            mask = attention_mask[:, :-1]
-            self.model(
-                input_ids=input_ids[:, width_cached:-1],
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, width_cached:],
-                past_key_values=cache,
-                use_cache=True,
-            )
-        if self.prefix_cache is not None:
-            keep = attention_mask[:, :-1].bool()
-            for i, x in enumerate(ids):
-                if new[i]:  # a prefix seen before is already cached
-                    kv = [(layer.keys[i][:, keep[i]], layer.values[i][:, keep[i]]) for layer in cache.layers]
-                    self.prefix_cache.add(x[:-1], kv)
+        """Encode every prompt but its last token into a KV cache (from its longest cached prefix); returns (input
+        ids, attention mask, cache) for `generate`, whose first step then encodes only the last token."""
+        input_ids, attention_mask, cache = encode_with_prefix_cache(
+            self.model, ids, self.tokenizer.pad_token_id, self.device, self.prefix_cache, hold_back=1
+        )
         return input_ids, attention_mask, cache
+
+
+@torch.inference_mode()
+def encode_with_prefix_cache(model, ids: list[list[int]], pad_id: int, device, prefix_cache: PrefixCache | None,
+                             hold_back: int) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:  # fmt: skip
+    """Encode token sequences into a KV cache with one forward pass of `model` over the tokens that no cached
+    prefix covers; the new prefixes go into `prefix_cache` (None: no cache, everything is encoded).
+
+    `hold_back` tokens at the end of each row are left out of the pass (1 for `generate`, which encodes the last
+    prompt token itself); with `hold_back=0` every row has at least one token in the pass, so a caller can read the
+    model's output at its last position (`[:, -1]`: a PPM's value).
+
+    Row i is laid out as [padding, cached prefix (c_i tokens), padding, new tokens (u_i), held back]: the cached
+    parts are right-aligned in the first columns, the new tokens in the next ones. Padding is masked out and
+    positions count unmasked tokens only (`cumsum` of the mask), so every token has the position and attends to the
+    tokens it would have without the holes. Returns (input ids, attention mask, cache); the mask covers the held
+    back tokens, the cache does not."""
+    encoded = [x[: len(x) - hold_back] for x in ids]
+    # Look up all but the last encoded token when nothing is held back: the pass must output something per row.
+    hits = [prefix_cache.longest_prefix(e[: len(e) - (hold_back == 0)]) if prefix_cache else None for e in encoded]
+    cached = [len(hit[0]) if hit else 0 for hit in hits]
+    new = [e[c:] for e, c in zip(encoded, cached)]
+    width_cached, width_new = max(cached), max(len(t) for t in new)
+    rows, masks = [], []
+    for x, c, t in zip(ids, cached, new):
+        held = x[len(x) - hold_back :]
+        rows.append([pad_id] * (width_cached - c) + x[:c] + [pad_id] * (width_new - len(t)) + t + held)
+        masks.append([0] * (width_cached - c) + [1] * c + [0] * (width_new - len(t)) + [1] * (len(t) + len(held)))
+    input_ids = torch.tensor(rows, device=device)  # (rows, width_cached + width_new + hold_back)
+    attention_mask = torch.tensor(masks, device=device)
+    cache = DynamicCache(config=model.config)
+    if width_cached:
+        first = next(hit for hit in hits if hit)[1]
+        for layer, (k0, v0) in enumerate(first):
+            keys = k0.new_zeros((len(ids), k0.shape[0], width_cached, k0.shape[-1]))
+            values = v0.new_zeros((len(ids), v0.shape[0], width_cached, v0.shape[-1]))
+            for i, hit in enumerate(hits):
+                if hit:
+                    keys[i, :, width_cached - cached[i] :], values[i, :, width_cached - cached[i] :] = hit[1][layer]
+            cache.update(keys, values, layer)
+    end = width_cached + width_new
+    if width_new:
+        mask = attention_mask[:, :end]
+        model(
+            input_ids=input_ids[:, width_cached:end],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, width_cached:],
+            past_key_values=cache,
+            use_cache=True,
+        )
+    if prefix_cache is not None:
+        keep = attention_mask[:, :end].bool()
+        layers = cache.layers
+        for i, e in enumerate(encoded):
+            if new[i]:  # a prefix seen before is already cached
+                prefix_cache.add(e, [(layer.keys[i][:, keep[i]], layer.values[i][:, keep[i]]) for layer in layers])
+    return input_ids, attention_mask, cache
 
 
 def _plain_cache(model) -> bool:

@@ -14,6 +14,11 @@ call per stage for all trees together:
 A rollout is one descent from the root to a terminal node, one step per wave, expanding every node it passes; an
 expansion none of whose candidates survives is retried with fresh seeds within the same rollout. See
 docs/method.md for every rule and how it compares with the paper and the official code.
+
+Search passes (round 4, paper §3.4.2: problems still unsolved after 16 rollouts are searched again with 64, then
+128): with `MCTSConfig.unsolved_rollouts`, a problem whose pass ends unsolved joins the queue for its next pass,
+a fresh search, at once and in the same run, so the trees in flight stay full until the last pass of the last
+problem ends (a pass-by-pass loop would idle while the slowest trees of a pass finish).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from ..format import (
 )
 from ..grading import extract_answer, grade_answer
 from .backends import GenerationBackend, TransformersBackend, mix_seed
-from .shards import ShardStore
+from .shards import ShardStore, pass_of
 from .steps import check_completion, check_execution, closes_program, needs_execution
 from .tree import Node, SearchTree
 
@@ -82,6 +87,11 @@ class MCTSConfig:
 
     Args:
         num_rollouts: rollouts per problem (paper §3.4: 8 in round 1, 16 in rounds 2-4).
+        unsolved_rollouts: round 4 (paper §3.4.2: 64, then 128): rollout budgets of fresh searches of the problems
+            still unsolved after the previous pass, one pass per entry, each with a new seed (seed + pass number).
+            A problem joins the queue for its next pass as soon as its pass ends, within the same run; its row is
+            that of its last pass (`search_pass`). Only problems with a gold answer get extra passes: without one
+            (test time) whether a tree solved its problem is not known.
         num_candidates: candidate next steps sampled per expansion (5 in round 1, 8 in rounds 2-3, 16 in round 4).
         c_puct: exploration constant c of UCT(s) = Q(s) + c * sqrt(ln N_parent / N(s)).
         max_depth: steps after which a node is terminal with reward -1.
@@ -104,6 +114,7 @@ class MCTSConfig:
         generation_batch_size: sequences per `generate` call (transformers backend).
         device: device of the transformers backend (default: CUDA when available).
         torch_threads: CPU threads torch may use (small models generate fastest with 1).
+        prefix_cache_mb: memory for the KV cache of prefixes already encoded (transformers backend; 0: off).
         dtype: dtype when the model is loaded from a path.
         tensor_parallel_size: GPUs one vLLM engine spans.
         gpu_memory_utilization: share of GPU memory vLLM reserves (on CPU: share of RAM).
@@ -139,6 +150,12 @@ class MCTSConfig:
     """
 
     num_rollouts: int = field(default=8, metadata={"help": "Rollouts per problem (paper: 8 in round 1, 16 later)."})
+    unsolved_rollouts: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Extra searches of the problems still unsolved, one per entry, each with this many "
+                  "rollouts and a new seed (round 4 of the paper: 64 128). A problem unsolved after a pass joins "
+                  "the queue for the next one at once, in the same run. Needs gold answers."},
+    )  # fmt: skip
     num_candidates: int = field(
         default=5, metadata={"help": "Candidate next steps sampled per expansion (paper: 5, 8, 16 by round)."}
     )
@@ -183,6 +200,12 @@ class MCTSConfig:
         default=None,
         metadata={"help": "CPU threads torch may use (transformers backend on CPU). Small models generate fastest "
                   "with 1, and fewer threads leave cores to the sandbox workers. Default: torch's own choice."},
+    )  # fmt: skip
+    prefix_cache_mb: float = field(
+        default=1024,
+        metadata={"help": "Transformers backend: memory (MB, on the generation device) for the KV cache of prefixes "
+                  "already encoded, and as much again for those of a transformers PPM. A node's children, retries and "
+                  "answers then encode only their new tokens, and its children's PPM values only their step. 0: off."},
     )  # fmt: skip
     dtype: str = field(
         default="auto", metadata={"help": "Model dtype when loading from a path: auto/float32/bfloat16."}
@@ -242,6 +265,13 @@ class MCTSConfig:
         for name in ("num_rollouts", "num_candidates", "max_depth", "problems_in_flight", "max_step_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MCTSConfig.{name} must be >= 1, got {getattr(self, name)}")
+        self.unsolved_rollouts = list(self.unsolved_rollouts or [])  # a tuple would not match run.json's list
+        bad = [n for n in self.unsolved_rollouts if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+        if bad:
+            raise ValueError(
+                f"MCTSConfig.unsolved_rollouts holds the rollout count of each extra pass, integers >= 1; got "
+                f"{self.unsolved_rollouts} ({bad[0]!r} is not)"
+            )
         if self.max_consecutive_errors < 1:
             raise ValueError(f"MCTSConfig.max_consecutive_errors must be >= 1, got {self.max_consecutive_errors}")
         if self.dead_end_backup not in DEAD_END_BACKUPS:
@@ -262,18 +292,25 @@ class MCTSConfig:
 
 @dataclass
 class _Search:
-    """The state of one problem's search: its tree and where its current rollout is."""
+    """The state of one search of a problem: its tree, its pass's budget and seed, and where its current rollout is.
+
+    `seed` is the run's seed plus the pass number: pass 0 keeps the seeds a run without extra passes uses, and pass
+    p > 0 seeds from (seed + p, the problem's index in the whole dataset, node). (Earlier versions ran each pass as
+    a separate run over the unsolved problems, with the index within that subset: their pass p > 0 trees differ.)"""
 
     index: int
     tree: SearchTree
     prompt: str
+    num_rollouts: int
+    seed: int
+    pass_number: int = 0
     cursor: Node | None = None
     rollouts: int = 0
 
-    def next_leaf(self, num_rollouts: int) -> Node | None:
+    def next_leaf(self) -> Node | None:
         """The node this tree expands in the coming wave, or None when its search is over."""
         if self.cursor is None:
-            if self.rollouts >= num_rollouts or not self.tree.root.selectable():
+            if self.rollouts >= self.num_rollouts or not self.tree.root.selectable():
                 return None
             self.cursor = self.tree.select_leaf()
         return self.cursor
@@ -303,10 +340,12 @@ class _Candidate:
 
 
 # Settings a tree depends on (a resumed run must use the same); the rest (batching, devices, workers) do not.
-_TREE_SETTINGS = ("num_rollouts", "num_candidates", "c_puct", "max_depth", "max_consecutive_errors",
-                  "dead_end_backup", "allow_unexecuted_answers", "backend",
+_TREE_SETTINGS = ("num_rollouts", "unsolved_rollouts", "num_candidates", "c_puct", "max_depth",
+                  "max_consecutive_errors", "dead_end_backup", "allow_unexecuted_answers", "backend",
                   "max_step_tokens", "max_answer_tokens", "temperature", "top_p", "seed", "prompt_template",
                   "executor_timeout", "executor_memory_mb")  # fmt: skip
+# Tree settings newer than some output_dirs: a run.json written without one was searched with this value.
+_SETTINGS_ADDED_LATER = {"unsolved_rollouts": []}
 
 
 def _claim_gpus(local_rank: int, per_process: int) -> None:
@@ -347,6 +386,7 @@ def build_backend(model, args: MCTSConfig, processing_class=None, device: str | 
         return TransformersBackend(
             model, processing_class, device=device or args.device, dtype=args.dtype,
             batch_size=args.generation_batch_size, torch_threads=args.torch_threads,
+            prefix_cache_mb=args.prefix_cache_mb,
         )  # fmt: skip
     if args.backend == "vllm":
         from .vllm_backend import VLLMBackend
@@ -442,8 +482,9 @@ class MCTSGenerator(Closeable):
         """Search every problem; returns one row per problem, in input order (see the README for the columns).
 
         With `args.output_dir`, finished trees are saved in shards as they complete and problems already saved
-        there are skipped. Under `accelerate launch`, every process searches its share and gets the whole
-        dataset back (with `gather_trees="main"`, the others get it without the trees)."""
+        there are skipped (a problem whose saved pass ended unsolved, with passes left, goes on with its next pass).
+        Under `accelerate launch`, every process searches its share and gets the whole dataset back (with
+        `gather_trees="main"`, the others get it without the trees); a problem's passes all run in its process."""
         args = self.args
         rank, world = self.state.process_index, self.state.num_processes
         counts: Counter[str] = Counter()
@@ -451,50 +492,64 @@ class MCTSGenerator(Closeable):
         start = time.perf_counter()
         searches: list[_Search | None] = [None] * len(self.dataset)
         status = ["searched"] * len(self.dataset)
-        ready = self._prepare(searches, status, counts)
+        ready = [s for s in self._prepare(searches, status, counts) if s.index % world == rank]
         store = None
         done: dict[int, dict] = {}
         if args.output_dir:
-            store = ShardStore(args.output_dir, self._fingerprint(), rank=rank, shard_size=args.shard_size)
+            store = ShardStore(args.output_dir, self._fingerprint(), rank=rank, shard_size=args.shard_size,
+                               defaults=_SETTINGS_ADDED_LATER)  # fmt: skip
             done = store.load()
-            counts["problems_resumed"] = sum(1 for s in ready if s.index in done and s.index % world == rank)
-        queue = deque(s for s in ready if s.index % world == rank and s.index not in done)
+            counts["problems_resumed"] = 0
+        queue: deque[_Search] = deque()
+        for search in ready:
+            row = done.get(search.index)
+            if row is None:
+                queue.append(search)
+                continue
+            resumed = self._next_pass(search, pass_of(row), row["solved"])
+            if resumed is None:
+                counts["problems_resumed"] += 1
+            else:  # its saved pass ended unsolved: the next pass, not pass 0 again
+                counts[f"problems_resumed_for_pass{resumed.pass_number}"] += 1
+                queue.appendleft(resumed)
         finished: dict[int, dict] = {}
         active: list[_Search] = []
         executor = PythonExecutor(
             timeout=args.executor_timeout, memory_mb=args.executor_memory_mb, max_workers=args.executor_workers
         )
         progress = tqdm(
-            total=len(queue) * args.num_rollouts, desc="MCTS rollouts" + (f" [rank {rank}]" if world > 1 else ""),
+            total=sum(s.num_rollouts for s in queue), desc="MCTS rollouts" + (f" [rank {rank}]" if world > 1 else ""),
             unit="rollout", disable=not self.state.is_local_main_process,
         )  # fmt: skip
         wave = 0
         try:
             while queue or active:
-                while queue and len(active) < args.problems_in_flight:
-                    active.append(queue.popleft())
+                # Trees still searching first, then new ones from the queue into every free slot, in this same wave:
+                # a search that ends (and the next pass it may queue) leaves no slot idle for a wave.
+                waiting, active = deque(active), []
                 expansions: list[tuple[_Search, Node]] = []
-                still_active = []
-                for search in active:
-                    leaf = search.next_leaf(args.num_rollouts)
-                    if leaf is None:
-                        progress.update(args.num_rollouts - min(search.rollouts, args.num_rollouts))
-                        counts["problems_searched"] += 1
-                        counts["problems_solved"] += search.tree.solved
-                        finished[search.index] = self._row(search, "searched")
-                        if store is not None:
-                            store.add(finished[search.index])
-                    else:
+                while waiting or (queue and len(active) < args.problems_in_flight):
+                    search = waiting.popleft() if waiting else queue.popleft()
+                    leaf = search.next_leaf()
+                    if leaf is not None:
                         expansions.append((search, leaf))
-                        still_active.append(search)
-                active = still_active
+                        active.append(search)
+                        continue
+                    progress.update(search.num_rollouts - min(search.rollouts, search.num_rollouts))
+                    following = self._end_search(search, counts, finished, store)
+                    if following is not None:
+                        # First in the queue: the longer searches of later passes start as early as they can, so the
+                        # run does not end waiting for one of them while the other slots sit empty.
+                        queue.appendleft(following)
+                        progress.total += following.num_rollouts
+                        progress.refresh()
                 if not expansions:
                     continue
                 rollouts_before = sum(s.rollouts for s in active)
                 self._wave(expansions, executor, counts, timers)
                 wave += 1
                 progress.update(sum(s.rollouts for s in active) - rollouts_before)
-                progress.set_postfix(solved=counts["problems_solved"], in_flight=len(active))
+                progress.set_postfix(solved=counts["problems_solved"], in_flight=len(active), queued=len(queue))
         finally:
             progress.close()
             executor.close()
@@ -510,6 +565,35 @@ class MCTSGenerator(Closeable):
         if missing:
             raise RuntimeError(f"no search result for problem(s) {missing[:10]} (of {len(missing)} missing)")
         return self._to_dataset([rows[i] for i in range(len(self.dataset))])
+
+    def _end_search(self, search: _Search, counts: Counter, finished: dict[int, dict],
+                    store: ShardStore | None) -> _Search | None:  # fmt: skip
+        """Record a search that is over: its row is saved (every pass's, so a resumed run knows where a problem
+        stands) and counted per pass. Returns the search of the problem's next pass, or None when this one was its
+        last: then its row is the problem's result and `problems_searched` / `problems_solved` count it once."""
+        number, solved = search.pass_number, search.tree.solved
+        counts[f"problems_searched_pass{number}"] += 1
+        counts[f"problems_solved_pass{number}"] += solved
+        row = self._row(search, "searched")
+        if store is not None:
+            store.add(row)
+        following = self._next_pass(search, number, solved)
+        if following is None:
+            counts["problems_searched"] += 1
+            counts["problems_solved"] += solved
+            finished[search.index] = row
+        return following
+
+    def _next_pass(self, search: _Search, ended_pass: int, solved: bool) -> _Search | None:
+        """A fresh search of `search`'s problem for the pass after `ended_pass` (paper §3.4.2: a new tree, the next
+        budget of `unsolved_rollouts`, seed + pass number), or None: the problem is solved, has no passes left, or
+        has no gold answer (at test time `SearchTree.solved` is always False: "unsolved" is not known)."""
+        budgets = self.args.unsolved_rollouts
+        if solved or ended_pass >= len(budgets) or search.tree.gold_answer is None:
+            return None
+        tree = SearchTree(search.tree.question, search.tree.gold_answer, self.args.c_puct)
+        number = ended_pass + 1
+        return _Search(search.index, tree, search.prompt, budgets[ended_pass], self.args.seed + number, number)
 
     def _collect(self, store: ShardStore | None, finished: dict[int, dict], done: dict[int, dict]) -> dict:
         """Every process's rows: from the shards on disk (shared filesystem) or, without output_dir, gathered.
@@ -559,7 +643,7 @@ class MCTSGenerator(Closeable):
         for i, (question, prompt, gold, length) in enumerate(zip(questions, prompts, golds, lengths)):
             gold = None if gold is None or str(gold).strip() == "" else str(gold)
             tree = SearchTree(question, gold, self.args.c_puct)
-            searches[i] = _Search(i, tree, prompt)
+            searches[i] = _Search(i, tree, prompt, self.args.num_rollouts, self.args.seed)
             if limit and length + self.args.max_step_tokens > limit:
                 status[i] = "prompt_too_long"
             elif gold is None and self.ppm is None:
@@ -574,10 +658,10 @@ class MCTSGenerator(Closeable):
 
     def _wave(self, expansions, executor: PythonExecutor, counts: Counter, timers: Counter) -> None:
         args = self.args
-        # 2. ONE generation call for all leaves of all trees. Seeds come from (problem, node, attempt), so a tree
-        # never depends on the other trees in flight.
+        # 2. ONE generation call for all leaves of all trees. Seeds come from (pass, problem, node, attempt), so a
+        # tree never depends on the other trees in flight.
         prefixes = [search.prompt + search.tree.trajectory_text(leaf) for search, leaf in expansions]
-        seeds = [mix_seed(args.seed, search.index, leaf.id, leaf.failed_expansions) for search, leaf in expansions]
+        seeds = [mix_seed(search.seed, search.index, leaf.id, leaf.failed_expansions) for search, leaf in expansions]
         t0 = time.perf_counter()
         samples = self.backend.generate(
             prefixes, args.num_candidates, STEP_STOP_STRINGS, args.max_step_tokens, args.temperature, args.top_p, seeds
@@ -590,6 +674,7 @@ class MCTSGenerator(Closeable):
             for sample, completion in enumerate(completions):
                 counts["candidates"] += 1
                 counts["tokens"] += completion.num_tokens
+                counts[f"tokens_pass{search.pass_number}"] += completion.num_tokens
                 step, reason = check_completion(completion, args.allow_unexecuted_answers)
                 if reason is None and completion.text.strip() in seen:
                     reason = "duplicate"
@@ -625,13 +710,14 @@ class MCTSGenerator(Closeable):
             answers = self.backend.generate(
                 [cand.search.prompt + cand.search.tree.trajectory_text(cand.leaf) + cand.text for cand in closed],
                 1, ANSWER_STOP_STRINGS, args.max_answer_tokens, args.temperature, args.top_p,
-                [mix_seed(args.seed, *cand.answer_seed_parts) for cand in closed],
+                [mix_seed(cand.search.seed, *cand.answer_seed_parts) for cand in closed],
             )  # fmt: skip
             timers["generation"] += time.perf_counter() - t0
             for cand, (answer,) in zip(closed, answers):
                 cand.text += answer.text
                 cand.tokens += answer.num_tokens
                 counts["tokens"] += answer.num_tokens
+                counts[f"tokens_pass{cand.search.pass_number}"] += answer.num_tokens
 
         # 5. New nodes, ONE scoring call (Eq. 3), terminal rewards (Eq. 2), and each rollout's next node.
         t0 = time.perf_counter()
@@ -749,6 +835,7 @@ class MCTSGenerator(Closeable):
             "solved": tree.solved,
             "status": status,
             "rollouts": search.rollouts,
+            "search_pass": search.pass_number,
             "num_nodes": len(tree.nodes) - 1,
             "best_answer": best.answer if best else None,
             "best_trajectory": tree.trajectory_text(best) if best else None,
@@ -760,6 +847,7 @@ class MCTSGenerator(Closeable):
         columns = ["problem", "answer", "solved", "status", "rollouts", "num_nodes", "best_answer",
                    "best_trajectory", "tree"]  # fmt: skip
         data = {c: [row[c] for row in rows] for c in columns}
+        data["search_pass"] = [pass_of(row) for row in rows]
         for column in self.dataset.column_names:
             if column not in data:
                 data[column] = self.dataset[column]

@@ -7,7 +7,8 @@ Layout under the generator's `output_dir`:
 
 Each shard is written to a temporary name and renamed, so a `kill -9` leaves only whole shards behind. Rows are
 keyed by problem index, and trees depend only on (settings, model, problem), so it does not matter which process
-or which run wrote a row.
+or which run wrote a row. A problem searched in several passes (`MCTSConfig.unsolved_rollouts`) has one row per
+finished pass; its row with the highest `search_pass` is where it stands.
 """
 
 from __future__ import annotations
@@ -19,10 +20,20 @@ import uuid
 from collections.abc import Callable
 
 
-class ShardStore:
-    """Finished rows of one process, flushed every `shard_size` rows (and on `flush`)."""
+def pass_of(row: dict) -> int:
+    """The search pass a saved row ended (rows saved before passes existed have no `search_pass`: pass 0)."""
+    return row.get("search_pass", 0)
 
-    def __init__(self, output_dir: str, fingerprint: dict, rank: int = 0, shard_size: int = 64):
+
+class ShardStore:
+    """Finished rows of one process, flushed every `shard_size` rows (and on `flush`).
+
+    `fingerprint` is what the rows depend on; a folder written with another is refused. `defaults` are the values of
+    fingerprint keys added after some folders were written: a `run.json` without such a key was written with that
+    value (so adding a setting does not refuse resuming folders searched before it existed)."""
+
+    def __init__(self, output_dir: str, fingerprint: dict, rank: int = 0, shard_size: int = 64,
+                 defaults: dict | None = None):  # fmt: skip
         self.output_dir = output_dir
         self.shard_dir = os.path.join(output_dir, "shards")
         self.rank = rank
@@ -31,13 +42,13 @@ class ShardStore:
         self.sequence = 0
         self.buffer: list[dict] = []
         os.makedirs(self.shard_dir, exist_ok=True)
-        self._check_or_write_manifest(fingerprint)
+        self._check_or_write_manifest(fingerprint, defaults or {})
 
-    def _check_or_write_manifest(self, fingerprint: dict) -> None:
+    def _check_or_write_manifest(self, fingerprint: dict, defaults: dict) -> None:
         path = os.path.join(self.output_dir, "run.json")
         if os.path.exists(path):
             with open(path) as f:
-                previous = json.load(f)
+                previous = {**defaults, **json.load(f)}
             changed = {k: (previous.get(k), v) for k, v in fingerprint.items() if previous.get(k) != v}
             if changed:
                 details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
@@ -52,15 +63,19 @@ class ShardStore:
         os.replace(tmp, path)
 
     def load(self, transform: Callable[[dict], dict] | None = None) -> dict[int, dict]:
-        """Every finished row on disk (all processes, all earlier runs), by problem index; `transform` is applied
-        to each row as it is read (e.g. to drop the trees, holding one at a time)."""
+        """Every finished row on disk (all processes, all earlier runs), by problem index: of a problem's rows, the
+        one of its latest pass (highest `search_pass`). `transform` is applied to each row kept as it is read (e.g.
+        to drop the trees, holding one at a time)."""
         rows: dict[int, dict] = {}
+        passes: dict[int, int] = {}
         for path in sorted(glob.glob(os.path.join(self.shard_dir, "*.jsonl"))):
             with open(path) as f:
                 for line in f:
                     row = json.loads(line)
-                    if row["index"] not in rows:
-                        rows[row["index"]] = transform(row) if transform is not None else row
+                    index, number = row["index"], pass_of(row)
+                    if index not in passes or number > passes[index]:
+                        passes[index] = number
+                        rows[index] = transform(row) if transform is not None else row
         return rows
 
     def add(self, row: dict) -> None:

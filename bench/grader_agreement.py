@@ -486,6 +486,10 @@ def main() -> None:
     parser.add_argument("--out", help="Write items and verdicts to this JSON file.")
     parser.add_argument("--show-misses", type=int, default=0, help="Print up to N items 'after' gets wrong.")
     args = parser.parse_args()
+    # Imported here, not at the top: tests load this file by path, without this folder on sys.path.
+    from _common import cpu_extensions, print_cpu
+
+    print_cpu()
     logging.disable(logging.WARNING)  # Math-Verify warns about every unparsable expression
 
     import rstar_trl.grading as after
@@ -521,7 +525,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         records = [dict(item, **{name: verdicts[name][i] for name in names}) for i, item in enumerate(items)]
         Path(args.out).write_text(json.dumps(records, indent=1))
-    summary = {"items": len(items), "seconds": seconds, "stats": after.grading_stats()}
+    summary = {"items": len(items), "seconds": seconds, "stats": after.grading_stats(), "cpu": cpu_extensions()}
     summary.update({by: table for by, table in tables.items()})
     print(json.dumps(summary))
 

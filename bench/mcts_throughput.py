@@ -1,20 +1,25 @@
-"""Benchmark: generated tokens/s of `MCTSGenerator` vs the same backend's raw batched generation, same run.
+"""Benchmark: generated tokens/s of `MCTSGenerator` vs the same backend's raw generation, same run.
 
     .venv/bin/python bench/mcts_throughput.py --backend transformers [--problems 256 --in_flight 64] [--policy DIR]
     .venv/bin/python bench/mcts_throughput.py --backend vllm
     .venv/bin/python bench/mcts_throughput.py --backend vllm --problems 1000 --in_flight 1000   # memory at scale
 
-Two baselines, both with the same backend, batch size, stop strings and token budgets, measured after the search:
+Two baselines, both with the same backend (and, for transformers, the same --batch and --torch_threads), measured
+after the search:
 
-- "ratio" (the headline): raw generation of exactly the requests the search made (every prefix it expanded with
-  its number of samples, every answer request), packed into full batches. Same prompts, same sequences: the ratio
-  is what the search itself costs on top of generation (code execution, grading, bookkeeping, waves that are
-  smaller or less regular than full batches).
-- "ratio_root_prompts": the same number of sequences sampled from the problem prompts only. Those contexts are
-  shorter than the search's (a step at depth 5 attends over the question and four earlier steps), so this ratio
-  also counts the cost of longer contexts.
+- "ratio" (the headline): raw sampling from the problem prompts, what a user compares the search with. As many
+  sequences as the search generated, spread evenly over the problems' prompts (the search's prompt template), with
+  the step stop strings, the step token budget and the search's temperature and top-p, in one `generate` call that
+  the backend batches as it likes. These contexts are shorter than the search's (a step at depth 5 attends over the
+  question and four earlier steps) and the batches are full, so this ratio counts everything the search adds:
+  code execution, scoring, grading, bookkeeping, longer contexts and waves smaller than a full batch.
+- "ratio_own_requests": a replay of the search's own generation calls. `Recording` keeps every call the search
+  made, in order (prompts, n, stop strings, token budget, temperature, top-p and the per-prompt seeds), and the
+  replay re-issues exactly those calls one by one, not repacked into full batches. Same prompts, seeds and batch
+  shapes give the same sequences (the replay's token count is checked against the search's), so this ratio is
+  what the search costs on top of its own generation: execution, scoring, grading and bookkeeping only.
 
-Without --policy, the embedded tiny policy is built once into bench/.cache/tiny_policy.
+Without --policy, the tiny default policy (the copy shipped with the package) is put into bench/.cache/tiny_policy.
 Peak RSS is sampled over this process and its children (vLLM's engine, sandbox workers).
 Last line: one JSON object.
 """
@@ -24,22 +29,25 @@ import json
 import os
 import threading
 import time
-from collections import defaultdict
 
 import psutil
+from _common import cpu_extensions, print_cpu
 
 from rstar_trl import MCTSConfig, MCTSGenerator, format_prompt
 from rstar_trl.format import STEP_STOP_STRINGS
 from rstar_trl.search import GenerationBackend
-from rstar_trl.tiny import build_tiny_policy, tiny_splits, to_dataset
+from rstar_trl.tiny import provide_tiny_policy, tiny_splits, to_dataset
+
+PARTS = ("generation", "execution", "scoring", "grading", "bookkeeping")
 
 
 class Recording(GenerationBackend):
-    """Passes every call through to the real backend and keeps the requests (instrumentation, not a double)."""
+    """Passes every call through to the real backend and keeps its arguments, in order (instrumentation, not a
+    double): the replay must re-issue the very calls the search made, with their seeds and batch shapes."""
 
     def __init__(self, backend: GenerationBackend):
         self.backend = backend
-        self.requests: dict[tuple, list[str]] = defaultdict(list)
+        self.calls: list[dict] = []
 
     @property
     def max_context(self):
@@ -49,7 +57,10 @@ class Recording(GenerationBackend):
         return self.backend.count_tokens(texts)
 
     def generate(self, prompts, n, stop, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
-        self.requests[(n, tuple(stop), max_new_tokens, temperature, top_p)].extend(prompts)
+        self.calls.append({
+            "prompts": list(prompts), "n": n, "stop": list(stop), "max_new_tokens": max_new_tokens,
+            "temperature": temperature, "top_p": top_p, "seed": seed if isinstance(seed, int) else list(seed),
+        })  # fmt: skip
         return self.backend.generate(prompts, n, stop, max_new_tokens, temperature, top_p, seed)
 
 
@@ -73,11 +84,12 @@ class PeakRSS(threading.Thread):
             time.sleep(self.interval)
 
 
-def timed(backend, calls) -> tuple[int, float]:
+def timed(backend: GenerationBackend, calls: list[dict]) -> tuple[int, float]:
+    """Tokens generated by `calls` (keyword arguments of `generate`), issued one by one as given, and the seconds."""
     start = time.perf_counter()
     tokens = 0
-    for (n, stop, max_new_tokens, temperature, top_p), prompts in calls:
-        out = backend.generate(prompts, n, list(stop), max_new_tokens, temperature, top_p, seed=1)
+    for call in calls:
+        out = backend.generate(**call)
         tokens += sum(c.num_tokens for row in out for c in row)
     return tokens, time.perf_counter() - start
 
@@ -94,10 +106,11 @@ def main() -> None:
     parser.add_argument("--torch_threads", type=int, default=1, help="CPU threads for torch (transformers)")
     parser.add_argument("--gpu_memory_utilization", type=float, default=0.15, help="vLLM (on CPU: share of RAM)")
     args = parser.parse_args()
+    print_cpu()
 
     policy = args.policy or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "tiny_policy")
     if not os.path.exists(os.path.join(policy, "config.json")):
-        build_tiny_policy(policy)
+        provide_tiny_policy(policy)
     problems = to_dataset(tiny_splits()["train"][: args.problems])
     config = MCTSConfig(
         num_rollouts=args.rollouts, num_candidates=args.candidates, problems_in_flight=args.in_flight,
@@ -106,47 +119,60 @@ def main() -> None:
     )  # fmt: skip
     memory = PeakRSS()
     memory.start()
-    generator = MCTSGenerator(policy, config, problems)
-    backend = generator.backend
-    backend.generate(["warm-up"], 4, STEP_STOP_STRINGS, 8)  # first-call costs belong to neither side
-    generator.backend = recording = Recording(backend)
-    trees = generator.generate()
-    stats = generator.stats
-    mcts_tokens_per_s = stats["tokens"] / stats["time_s"]
+    with MCTSGenerator(policy, config, problems) as generator:
+        backend = generator.backend
+        backend.generate(["warm-up"], 4, STEP_STOP_STRINGS, 8)  # first-call costs belong to neither side
+        generator.backend = recording = Recording(backend)
+        try:
+            trees = generator.generate()
+        finally:
+            generator.backend = backend  # so that leaving the block closes the real backend
+        stats = generator.stats
+        mcts_tokens_per_s = stats["tokens"] / stats["time_s"]
 
-    raw_tokens, raw_s = timed(backend, recording.requests.items())
-    sequences = sum(key[0] * len(prompts) for key, prompts in recording.requests.items())
-    prompts = [format_prompt(p) for p in problems["problem"]]
-    per_prompt = max(1, round(sequences / len(prompts)))
-    root_tokens, root_s = timed(backend, [((per_prompt, tuple(STEP_STOP_STRINGS), 64, 0.8, 0.95), prompts)])
+        own_tokens, own_s = timed(backend, recording.calls)
+        sequences = sum(call["n"] * len(call["prompts"]) for call in recording.calls)
+        prompts = [format_prompt(p, config.template) for p in problems["problem"]]
+        per_prompt = max(1, round(sequences / len(prompts)))
+        sampling = {"prompts": prompts, "n": per_prompt, "stop": list(STEP_STOP_STRINGS),
+                    "max_new_tokens": config.max_step_tokens, "temperature": config.temperature,
+                    "top_p": config.top_p, "seed": 1}  # fmt: skip
+        sampling_tokens, sampling_s = timed(backend, [sampling])
     memory.stopped.set()
     memory.join()
+    own_per_s, sampling_per_s = own_tokens / own_s, sampling_tokens / sampling_s
 
     print(f"MCTS: {sum(trees['solved'])}/{len(trees)} solved, {stats['tokens']} tokens in {stats['time_s']:.1f} s "
           f"= {mcts_tokens_per_s:.0f} tokens/s over {stats['waves']} waves")  # fmt: skip
-    print("MCTS time split: " + ", ".join(f"{p} {100 * stats[f'{p}_fraction']:.1f}%"
-                                          for p in ("generation", "execution", "grading", "bookkeeping")))  # fmt: skip
-    print(f"raw, same requests: {sequences} sequences, {raw_tokens} tokens in {raw_s:.1f} s = "
-          f"{raw_tokens / raw_s:.0f} tokens/s")  # fmt: skip
-    print(f"raw, root prompts:  {len(prompts) * per_prompt} sequences, {root_tokens} tokens in {root_s:.1f} s = "
-          f"{root_tokens / root_s:.0f} tokens/s")  # fmt: skip
+    print("MCTS time split: " + ", ".join(f"{p} {100 * stats[f'{p}_fraction']:.1f}%" for p in PARTS))
+    print(f"raw, problem prompts: {len(prompts) * per_prompt} sequences, {sampling_tokens} tokens in "
+          f"{sampling_s:.1f} s = {sampling_per_s:.0f} tokens/s")  # fmt: skip
+    print(f"raw, own requests:    {len(recording.calls)} calls replayed as made, {sequences} sequences, {own_tokens} "
+          f"tokens in {own_s:.1f} s = {own_per_s:.0f} tokens/s"
+          + ("" if own_tokens == stats["tokens"] else f" (the search counted {stats['tokens']} tokens)"))  # fmt: skip
+    print(f"MCTS / raw sampling from the problem prompts: x{mcts_tokens_per_s / sampling_per_s:.2f}; "
+          f"MCTS / its own requests replayed: x{mcts_tokens_per_s / own_per_s:.2f}")  # fmt: skip
     print(f"peak RSS (this process + children): {memory.peak / 2**20:.0f} MB")
     print(json.dumps({
-        "ratio": round(mcts_tokens_per_s / (raw_tokens / raw_s), 3),
-        "ratio_root_prompts": round(mcts_tokens_per_s / (root_tokens / root_s), 3),
+        "ratio": round(mcts_tokens_per_s / sampling_per_s, 3),
+        "ratio_own_requests": round(mcts_tokens_per_s / own_per_s, 3),
         "mcts_tokens_per_s": round(mcts_tokens_per_s, 1),
-        "raw_tokens_per_s": round(raw_tokens / raw_s, 1),
-        "root_prompts_tokens_per_s": round(root_tokens / root_s, 1),
+        "sampling_tokens_per_s": round(sampling_per_s, 1),
+        "own_requests_tokens_per_s": round(own_per_s, 1),
         "backend": args.backend,
         "problems": len(trees),
         "in_flight": args.in_flight,
+        "torch_threads": args.torch_threads,
         "solved": sum(trees["solved"]),
         "sequences": sequences,
+        "generate_calls": len(recording.calls),
+        "mcts_tokens": int(stats["tokens"]),
+        "own_requests_tokens": own_tokens,
+        "sampling_tokens": sampling_tokens,
         "mcts_time_s": stats["time_s"],
-        "generation_fraction": stats["generation_fraction"],
-        "execution_fraction": stats["execution_fraction"],
-        "bookkeeping_fraction": stats["bookkeeping_fraction"],
+        **{f"{p}_fraction": stats[f"{p}_fraction"] for p in PARTS},
         "peak_rss_mb": round(memory.peak / 2**20, 1),
+        "cpu": cpu_extensions(),
     }))  # fmt: skip
 
 

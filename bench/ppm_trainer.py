@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import datasets
 import torch
+from _common import cpu_extensions, print_cpu
 from transformers import PrinterCallback, Qwen2Config, Qwen2ForSequenceClassification
 from transformers.utils import logging as hf_logging
 from trl import RewardConfig, RewardTrainer
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per trainer (median kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
+    print_cpu()
     torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
@@ -162,6 +164,8 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "steps": args.steps,
                 "peak_rss_mb": round(peak_rss_mb, 1),
+                "threads": torch.get_num_threads(),
+                "cpu": cpu_extensions(),
             }
         )
     )

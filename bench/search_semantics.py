@@ -17,6 +17,8 @@ import os
 import time
 from collections import Counter
 
+from _common import cpu_extensions, print_cpu
+
 from rstar_trl import MCTSConfig, MCTSGenerator
 from rstar_trl.search import SearchTree
 from rstar_trl.tiny import tiny_splits, to_dataset
@@ -40,9 +42,12 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="Other MCTSConfig fields.")
     parser.add_argument("--out", required=True, help="JSON file of the result (kept; a re-run prints it).")
     args = parser.parse_args()
+    print_cpu()
     if os.path.exists(args.out):
         with open(args.out) as f:
-            print(f.read().strip())
+            kept = json.load(f)
+        # The CPU the kept figures were measured on, not this one ("unknown" for results kept before it was noted).
+        print(json.dumps({**kept, "cpu": kept.get("cpu", "unknown")}))
         return
     extra = dict(item.split("=", 1) for item in args.set)
     settings = dict(
@@ -92,6 +97,7 @@ def main() -> None:
         "dropped": {k.removeprefix("dropped_"): int(v) for k, v in stats.items() if k.startswith("dropped_")},
         "by_level": {str(k): dict(v) for k, v in sorted(by_level.items())},
         "time_s": round(elapsed, 1),
+        "cpu": cpu_extensions(),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -52,6 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import datasets
 import torch
 import yaml
+from _common import cpu_extensions, print_cpu
 
 from rstar_trl.hub import load_dataset_folder
 from rstar_trl.ppm import (
@@ -138,8 +139,14 @@ def train_ppm(
     from rstar_trl.rounds import RoundArguments, _trainer_settings
 
     lineage = _read_json(os.path.join(round_dir, "round.json"))
-    round_args = RoundArguments(**lineage["config"]["round"])
-    search = MCTSConfig(**{f.name: lineage["config"]["search"][f.name] for f in dataclasses.fields(MCTSConfig)})
+    # Round folders written by earlier versions: settings since moved (unsolved_rollouts, from the round's settings to
+    # the search's) or added are taken from where they are now, or left at their defaults.
+    saved_round, saved_search = lineage["config"]["round"], lineage["config"]["search"]
+    round_fields = {f.name for f in dataclasses.fields(RoundArguments)}
+    round_args = RoundArguments(**{k: v for k, v in saved_round.items() if k in round_fields})
+    moved = {k: v for k, v in saved_round.items() if k not in round_fields}
+    search = MCTSConfig(**{f.name: {**moved, **saved_search}[f.name] for f in dataclasses.fields(MCTSConfig)
+                           if f.name in {**moved, **saved_search}})  # fmt: skip
     settings = {**_trainer_settings(round_args, "ppm", folder, search), "disable_tqdm": True}
     if seed is not None:
         settings["seed"] = seed
@@ -330,6 +337,7 @@ def main() -> None:
         help="Also train each PPM with these seeds (pair accuracy only; the search uses the round's seed).",
     )  # fmt: skip
     args = parser.parse_args()
+    print_cpu()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     datasets.disable_progress_bars()
     torch.set_num_threads(1)
@@ -388,7 +396,7 @@ def main() -> None:
         "search": {k: row["search"][k] for k in ("solved", "problems", "solved_by_level", "search_time_s")},
         "data": {k: row["data"][k] for k in ("pairs", "sft_rows")}} for row in rows]  # fmt: skip
     print(json.dumps({"round_dir": args.round_dir, "problems": args.problems, "command": " ".join(sys.argv),
-                      "variants": summary}))  # fmt: skip
+                      "variants": summary, "cpu": cpu_extensions()}))  # fmt: skip
 
 
 if __name__ == "__main__":

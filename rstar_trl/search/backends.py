@@ -306,49 +306,48 @@ def encode_with_prefix_cache(model, ids: list[list[int]], pad_id: int, device, p
     prompt token itself); with `hold_back=0` every row has at least one token in the pass, so a caller can read the
     model's output at its last position (`[:, -1]`: a PPM's value).
 
-    Row i is laid out as [padding, cached prefix (c_i tokens), padding, new tokens (u_i), held back]: the cached
-    parts are right-aligned in the first columns, the new tokens in the next ones. Padding is masked out and
-    positions count unmasked tokens only (`cumsum` of the mask), so every token has the position and attends to the
-    tokens it would have without the holes. Returns (input ids, attention mask, cache); the mask covers the held
-    back tokens, the cache does not."""
+    Rows are left-padded to the longest: [padding, from the cache, encoded now, held back]. With U the most new
+    tokens of any row, the last U encoded tokens of every row go through the pass and the ones before come from its
+    cached prefix (a row with fewer new tokens re-encodes a few cached ones): no row is wider than the longest row,
+    and the mask is plain left padding. Returns (input ids, attention mask, cache); the mask covers the held back
+    tokens, the cache does not."""
     encoded = [x[: len(x) - hold_back] for x in ids]
     # Look up all but the last encoded token when nothing is held back: the pass must output something per row.
     hits = [prefix_cache.longest_prefix(e[: len(e) - (hold_back == 0)]) if prefix_cache else None for e in encoded]
     cached = [len(hit[0]) if hit else 0 for hit in hits]
-    new = [e[c:] for e, c in zip(encoded, cached)]
-    width_cached, width_new = max(cached), max(len(t) for t in new)
-    rows, masks = [], []
-    for x, c, t in zip(ids, cached, new):
-        held = x[len(x) - hold_back :]
-        rows.append([pad_id] * (width_cached - c) + x[:c] + [pad_id] * (width_new - len(t)) + t + held)
-        masks.append([0] * (width_cached - c) + [1] * c + [0] * (width_new - len(t)) + [1] * (len(t) + len(held)))
-    input_ids = torch.tensor(rows, device=device)  # (rows, width_cached + width_new + hold_back)
+    width = max(len(e) for e in encoded)
+    width_new = max(len(e) - c for e, c in zip(encoded, cached))  # U
+    width_cached = width - width_new
+    from_cache = [max(0, len(e) - width_new) for e in encoded]  # <= cached[i], since len(e) - cached[i] <= U
+    rows = [[pad_id] * (width - len(e)) + x for e, x in zip(encoded, ids)]
+    masks = [[0] * (width - len(e)) + [1] * len(x) for e, x in zip(encoded, ids)]
+    input_ids = torch.tensor(rows, device=device)  # (rows, width + hold_back)
     attention_mask = torch.tensor(masks, device=device)
     cache = DynamicCache(config=model.config)
     if width_cached:
-        first = next(hit for hit in hits if hit)[1]
+        first = next(hit for hit, n in zip(hits, from_cache) if n)[1]
         for layer, (k0, v0) in enumerate(first):
             keys = k0.new_zeros((len(ids), k0.shape[0], width_cached, k0.shape[-1]))
             values = v0.new_zeros((len(ids), v0.shape[0], width_cached, v0.shape[-1]))
-            for i, hit in enumerate(hits):
-                if hit:
-                    keys[i, :, width_cached - cached[i] :], values[i, :, width_cached - cached[i] :] = hit[1][layer]
+            for i, (hit, n) in enumerate(zip(hits, from_cache)):
+                if n:
+                    k, v = hit[1][layer]
+                    keys[i, :, width_cached - n :], values[i, :, width_cached - n :] = k[:, :n], v[:, :n]
             cache.update(keys, values, layer)
-    end = width_cached + width_new
     if width_new:
-        mask = attention_mask[:, :end]
+        mask = attention_mask[:, :width]
         model(
-            input_ids=input_ids[:, width_cached:end],
+            input_ids=input_ids[:, width_cached:width],
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, width_cached:],
             past_key_values=cache,
             use_cache=True,
         )
     if prefix_cache is not None:
-        keep = attention_mask[:, :end].bool()
+        keep = attention_mask[:, :width].bool()
         layers = cache.layers
         for i, e in enumerate(encoded):
-            if new[i]:  # a prefix seen before is already cached
+            if len(e) > cached[i]:  # a prefix seen before is already cached
                 prefix_cache.add(e, [(layer.keys[i][:, keep[i]], layer.values[i][:, keep[i]]) for layer in layers])
     return input_ids, attention_mask, cache
 

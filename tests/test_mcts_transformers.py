@@ -189,3 +189,26 @@ def test_the_preallocated_cache_samples_what_a_growing_cache_samples(policy, pro
     long = backend.generate(prompts, 3, STEP_STOP_STRINGS, width + 8, 0.8, 0.95, seed=5)
     stopped = [(a, b) for ra, rb in zip(short, long) for a, b in zip(ra, rb) if a.finish_reason == "stop"]
     assert stopped and all(a == b for a, b in stopped)
+
+
+def test_a_batch_mixing_cached_and_new_prompts_is_as_wide_as_its_longest_row(policy, problems):
+    import torch
+
+    from rstar_trl.search import TransformersBackend
+    from rstar_trl.search.backends import encode_with_prefix_cache
+
+    backend = TransformersBackend(policy, device="cpu", torch_threads=1, prefix_cache_mb=64)
+    tokenizer = backend.tokenizer
+    template = MCTSConfig().template
+    long_prompt = template.replace("{question}", " ".join(problems["problem"][:3]))
+    short_prompt = template.replace("{question}", problems["problem"][3])
+    backend.generate([long_prompt], 2, STEP_STOP_STRINGS, 8, seed=0)  # caches the long prompt's prefix
+    ids = [tokenizer(text, add_special_tokens=False).input_ids for text in (long_prompt + " x", short_prompt)]
+    with torch.inference_mode():
+        input_ids, mask, cache = encode_with_prefix_cache(
+            backend.model, ids, tokenizer.pad_token_id, backend.device, backend.prefix_cache, hold_back=1
+        )
+    assert backend.prefix_cache.hits >= 1  # the long row came from the cache, the short one did not
+    assert input_ids.shape[1] == max(len(x) for x in ids)  # not cached part + new part
+    assert mask.sum(-1).tolist() == [len(x) for x in ids]
+    assert cache.get_seq_length() == input_ids.shape[1] - 1

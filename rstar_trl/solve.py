@@ -903,7 +903,9 @@ def ppm_scorer_options(args, prompt_template: str) -> dict:
     if args.ppm_backend == "vllm":
         return {**options, "gpu_memory_utilization": args.ppm_gpu_memory_utilization, "dtype": args.dtype}
     options.update(device=args.device, batch_size=args.ppm_batch_size)
-    return {**options, "prefix_cache_mb": getattr(args, "prefix_cache_mb", 1024)}
+    if hasattr(args, "prefix_cache_mb"):  # a search's settings (MCTSConfig); else the scorer's default
+        options["prefix_cache_mb"] = args.prefix_cache_mb
+    return options
 
 
 class _Shared:

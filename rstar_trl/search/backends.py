@@ -220,13 +220,17 @@ class TransformersBackend(GenerationBackend):
         return results
 
     def _generate_batch(self, ids, seeds, n, stop, stop_ids, eos_ids, max_new_tokens, temperature, top_p):
+        pad = self.tokenizer.pad_token_id
         kwargs = {}
         if stop_ids is None:  # multi-token markers: let transformers match the strings
             kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
         if max(len(x) for x in ids) > 1 and (n > 1 or self._plain):
             # Encode every prompt but its last token here (once, not n times: `generate` alone would encode every
-            # prompt n times), from the longest prefix cached, then repeat the KV cache n times.
-            input_ids, attention_mask, cache = self._prefill(ids)
+            # prompt n times), from the longest prefix cached, then repeat the KV cache n times; `generate`'s first
+            # step then encodes only the last token.
+            input_ids, attention_mask, cache = encode_with_prefix_cache(
+                self.model, ids, pad, self.device, self.prefix_cache, hold_back=1
+            )
             if self._plain and max_new_tokens <= input_ids.shape[1]:
                 # A preallocated cache: a growing one copies all its keys and values at every new token, which costs
                 # more than attending over the masked, not yet written tail when that tail (the token budget) is no
@@ -240,11 +244,9 @@ class TransformersBackend(GenerationBackend):
                 cache.batch_repeat_interleave(n)
             kwargs["past_key_values"] = cache
         else:
-            pad = self.tokenizer.pad_token_id
             width = max(len(x) for x in ids)
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
             attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        pad = self.tokenizer.pad_token_id
         width = input_ids.shape[1]
         input_ids = input_ids.repeat_interleave(n, dim=0)  # (prompts * n, width)
         attention_mask = attention_mask.repeat_interleave(n, dim=0)
@@ -286,14 +288,6 @@ class TransformersBackend(GenerationBackend):
             reason = "stop" if stopped else ("eos" if ended_by_eos else "length")
             completions.append(Completion(text, len(tokens), reason))
         return completions
-
-    def _prefill(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
-        """Encode every prompt but its last token into a KV cache (from its longest cached prefix); returns (input
-        ids, attention mask, cache) for `generate`, whose first step then encodes only the last token."""
-        input_ids, attention_mask, cache = encode_with_prefix_cache(
-            self.model, ids, self.tokenizer.pad_token_id, self.device, self.prefix_cache, hold_back=1
-        )
-        return input_ids, attention_mask, cache
 
 
 @torch.inference_mode()

@@ -10,13 +10,18 @@ compare them at matched compute (generated tokens per problem). The methods run 
     python recipes/eval.py --config recipes/rstar-math/qwen2.5-math-7b/eval.yaml   # the paper's test-time setting
     python recipes/eval.py --model_name_or_path path/to/policy --dataset HuggingFaceH4/MATH-500 \\
         --backend vllm --gpu_memory_utilization 0.9 --methods greedy maj@64
+    accelerate launch --num_processes 8 recipes/eval.py --config ...   # each process solves every 8th problem
+    python recipes/eval.py --config ... --ppm_path other/ppm --samples_from runs/eval/round_2 --output_dir ...
+                                        # best_of_n of another PPM on the same samples (no new sampling)
 
 Methods (see --methods and rstar_trl/solve.py): greedy; maj@K (vote of K samples); best_of_n@N[:last|min|mean|prod]
 (the PPM's best of N samples, step values aggregated); weighted_maj@N (vote weighted by (v + 1) / 2 of the PPM's
 value); mcts@RxC (ONE PPM-guided search, R rollouts x C candidates); mcts@TxRxC[:best|vote|topK] (T independent
 searches, answer by best PPM score, PPM-weighted vote, or majority vote among the K best-scored searches); beam@BxK
 (beam width B, K candidates per beam and step). Writes results.json (summary and per-problem answers, scores and
-candidates), results.md (the table, with 95% Wilson intervals) and accuracy_vs_tokens.png to --output_dir.
+candidates), results.md (the table, with 95% Wilson intervals), accuracy_vs_tokens.png and, when it draws samples,
+samples.jsonl (what --samples_from reads) to --output_dir. Under `accelerate launch` (on CPU: --multi_gpu, one core
+per process) the problems are shared out; seeds depend on problems, not processes, so the results are the same.
 """
 
 import logging
@@ -37,6 +42,8 @@ def main(args: EvalConfig) -> None:
             raise SystemExit(f"--{name} {path!r} does not exist")
     with Evaluator(args=args) as evaluator:
         results = evaluator.evaluate()
+        if not evaluator.solver.state.is_main_process:  # every process has the results; the main one reports
+            return
     paths = write_report(results, args.output_dir)
     print("\n" + open(paths["results.md"]).read())
     for path in paths.values():

@@ -22,6 +22,7 @@ tokens of) its first K or N; selections with the same TxRxC share one set of sea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from datasets import Dataset
 
 from .closing import Closeable
 from .data import load_problems
+from .format import format_prompt
 from .grading import grade_answer
 from .hub import put_card_section
 from .search.generator import StepScorer
@@ -122,6 +124,13 @@ class EvalConfig(TestTimeConfig):
     output_dir: str | None = field(
         default="runs/eval", metadata={"help": "Folder of results.json, results.md and accuracy_vs_tokens.png."}
     )
+    samples_from: str | None = field(
+        default=None,
+        metadata={"help": "Folder of an earlier run (its samples.jsonl): maj, best_of_n and weighted_maj use its "
+                  "samples instead of drawing new ones, e.g. to compare PPMs on the same samples. The policy, the "
+                  "problems and every sampling setting must match (checked); its sampling time is charged as if "
+                  "drawn here. Every run that draws samples writes them to <output_dir>/samples.jsonl."},
+    )  # fmt: skip
     update_cards: bool = field(
         default=False,
         metadata={"help": "Add the results table to the model cards (README.md) of the policy and the PPM, when they "
@@ -231,12 +240,38 @@ class Evaluator(Closeable):
         owner. Also done on leaving a `with Evaluator(...) as evaluator:` block."""
         self.solver.close()
 
+    def samples_fingerprint(self) -> dict:
+        """What decides the samples of a run: the policy, the problems and the sampling settings."""
+        model = self.model_name
+        if isinstance(model, str) and os.path.exists(model):
+            model = os.path.realpath(model)
+        problems = hashlib.sha256(json.dumps(self.questions).encode()).hexdigest()
+        settings = {name: getattr(self.args, name) for name in _SAMPLE_SETTINGS}
+        return {"model": model, "num_problems": len(self.questions), "problems_sha256": problems, **settings}
+
+    def _samples(self, num_samples: int) -> tuple[list[list[Trajectory]], float]:
+        """The samples of the sampling methods: read from `args.samples_from`, or drawn (and saved to
+        `output_dir`, by the main process) with the time they took."""
+        if self.args.samples_from:
+            prompts = [format_prompt(q, self.args.template) for q in self.questions]
+            samples, seconds = read_samples(self.args.samples_from, self.samples_fingerprint(), num_samples, prompts)
+            logger.info("using the %d samples per problem of %s", num_samples, self.args.samples_from)
+            return samples, seconds
+        start = time.perf_counter()
+        samples = self.solver.draw_samples(self.questions, num_samples)
+        seconds = time.perf_counter() - start
+        if self.args.output_dir and self.solver.state.is_main_process:
+            write_samples(self.args.output_dir, samples, self.samples_fingerprint(), seconds)
+        return samples, seconds
+
     def evaluate(self) -> dict:
         """Run every method; returns the results (what `write_report` saves): settings, one summary per method and
         one record per problem and method."""
         start = time.perf_counter()
         methods = []
-        for result in self.solver.iter_solve(self.questions, self.specs):
+        num_samples = max(spec.num_samples for spec in self.specs)
+        samples, samples_time = self._samples(num_samples) if num_samples else (None, 0.0)
+        for result in self.solver.iter_solve(self.questions, self.specs, samples, samples_time):
             methods.append(self._summary(result))
             m = methods[-1]
             logger.info(
@@ -293,6 +328,72 @@ class Evaluator(Closeable):
         if spec.name != "greedy":
             record["candidates"] = [[c.answer, c.score] for c in solution.candidates]
         return record
+
+
+# -- samples --------------------------------------------------------------------------------------------------
+
+SAMPLES_FILE = "samples.jsonl"
+# The settings that decide a run's samples (with the policy and the problems): `read_samples` checks them.
+_SAMPLE_SETTINGS = (
+    "backend", "dtype", "seed", "temperature", "top_p", "prompt_template", "max_step_tokens", "max_answer_tokens",
+    "max_depth", "max_consecutive_errors", "allow_unexecuted_answers",
+)  # fmt: skip
+_TRAJECTORY_FIELDS = ("problem", "sample", "text", "step_ends", "tokens", "failures", "end", "answer")
+
+
+def write_samples(output_dir: str, samples: Sequence[Sequence[Trajectory]], fingerprint: dict, time_s: float) -> str:
+    """Save a run's samples (unscored) as `output_dir/samples.jsonl`: a header line (what decided them, how many
+    per problem, the seconds they took), then one line per problem. Written to a temporary file first, so an
+    interrupted write never leaves a truncated file. Returns the path."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, SAMPLES_FILE)
+    num_samples = min((len(row) for row in samples), default=0)
+    with open(path + ".tmp", "w") as f:
+        f.write(json.dumps({"fingerprint": fingerprint, "num_samples": num_samples, "time_s": time_s}) + "\n")
+        for row in samples:
+            f.write(json.dumps([
+                {**{name: getattr(t, name) for name in _TRAJECTORY_FIELDS}, "steps": [asdict(s) for s in t.steps]}
+                for t in row
+            ]) + "\n")  # fmt: skip
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_samples(folder: str, fingerprint: dict, num_samples: int,
+                 prompts: Sequence[str]) -> tuple[list[list[Trajectory]], float]:  # fmt: skip
+    """The samples `write_samples` saved in `folder` (or the file itself), checked against `fingerprint` (the
+    policy, problems and sampling settings of the run that uses them) and `num_samples` (at least that many per
+    problem); returns them (with their `prompts`, one per problem) and the seconds they took to draw."""
+    from .format import Step
+
+    path = os.path.join(folder, SAMPLES_FILE) if os.path.isdir(folder) else folder
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"--samples_from {folder}: there is no {SAMPLES_FILE} (a recipes/eval.py run with a maj, best_of_n or "
+            "weighted_maj method writes one to its --output_dir)"
+        )
+    with open(path) as f:
+        header = json.loads(f.readline())
+        saved = header["fingerprint"]
+        differ = [f"{k}: {saved.get(k)!r} there, {v!r} here" for k, v in fingerprint.items() if saved.get(k) != v]
+        if differ:
+            raise ValueError(f"--samples_from {folder}: its samples were drawn differently ({'; '.join(differ)})")
+        if header["num_samples"] < num_samples:
+            raise ValueError(
+                f"--samples_from {folder}: it has {header['num_samples']} samples per problem, the methods need "
+                f"{num_samples}"
+            )
+        rows = []
+        for line in f:
+            row = []
+            for d in json.loads(line):
+                steps = [Step(**step) for step in d.pop("steps")]
+                row.append(Trajectory(prompt=prompts[d["problem"]], steps=steps, **d))
+            rows.append(row)
+    if len(rows) != saved["num_problems"]:
+        raise ValueError(f"--samples_from {folder}: {path} is incomplete ({len(rows)} of {saved['num_problems']} "
+                         "problems)")  # fmt: skip
+    return rows, float(header["time_s"])
 
 
 # -- reports --------------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from datasets import Dataset
 from tqdm.auto import tqdm
@@ -602,12 +602,16 @@ def sample_solutions(
     num_samples: int,
     temperature: float,
     desc: str = "sampling",
+    problems: Sequence[int] | None = None,
 ) -> list[list[Trajectory]]:
-    """`num_samples` step-wise solutions of every prompt (result[i][j]: sample j of prompt i). Up to
-    `args.problems_in_flight` problems are in flight; each wave advances all their unfinished solutions by one step
-    with one generation call, one `run_batch` and one answer call."""
-    results = [[Trajectory(i, j, prompts[i]) for j in range(num_samples)] for i in range(len(prompts))]
-    for active in _waves(len(prompts), args.problems_in_flight, desc):
+    """`num_samples` step-wise solutions of every prompt (result[i][j]: sample j of prompt i), or of the prompts
+    `problems` lists (result[k]: the samples of prompt problems[k]; a sample's seeds depend on its prompt's index,
+    so a problem gets the same samples in any subset). Up to `args.problems_in_flight` problems are in flight; each
+    wave advances all their unfinished solutions by one step with one generation call, one `run_batch` and one
+    answer call."""
+    problems = range(len(prompts)) if problems is None else problems
+    results = [[Trajectory(i, j, prompts[i]) for j in range(num_samples)] for i in problems]
+    for active in _waves(len(results), args.problems_in_flight, desc):
         live = [t for i in active for t in results[i] if t.end is None]
         seeds = [mix_seed(args.seed, _SAMPLE_STREAM, t.problem, t.sample, t.depth, t.failures) for t in live]
         for trajectory, (proposal,) in zip(live, propose_steps(backend, executor, args, live, 1, temperature, seeds)):
@@ -648,21 +652,27 @@ def beam_search(
     width: int,
     num_candidates: int,
     desc: str = "beam search",
+    problems: Sequence[int] | None = None,
 ) -> list[BeamResult]:
     """Step-level beam search with the PPM. Every wave, each live beam of every problem proposes `num_candidates`
     next steps (one generation call, one `run_batch`, one answer call for all problems); ONE PPM call scores every
     valid candidate (prefix + step); per problem the top candidates by score fill the free slots, and those that
     end (an answer, or max_depth) leave the beam. A problem starts with `width` slots and ends when every slot has
     ended, or after `max_consecutive_errors` waves in a row without a valid candidate. The answer is that of the
-    finished beam with the highest PPM score."""
+    finished beam with the highest PPM score. With `problems`, only those questions are searched (result[k]: the
+    search of questions[problems[k]], seeded by that index, so it is the same in any subset)."""
+    problems = list(range(len(questions)) if problems is None else problems)
+    questions = [questions[i] for i in problems]
     prompts = [format_prompt(q, args.template) for q in questions]
+    # Inside, problems are numbered by position; seeds use the index in the caller's list.
     beams = [[Trajectory(i, 0, prompts[i])] for i in range(len(prompts))]
     ended: list[list[Trajectory]] = [[] for _ in prompts]
     tokens = [0] * len(prompts)
     failures = [0] * len(prompts)
     for active in _waves(len(prompts), args.problems_in_flight, desc):
         live = [beam for i in active for beam in beams[i]]
-        seeds = [mix_seed(args.seed, _BEAM_STREAM, b.problem, b.depth, b.sample, failures[b.problem]) for b in live]
+        seeds = [mix_seed(args.seed, _BEAM_STREAM, problems[b.problem], b.depth, b.sample, failures[b.problem])
+                 for b in live]  # fmt: skip
         proposals = propose_steps(backend, executor, args, live, num_candidates, args.temperature, seeds)
         pools: dict[int, list[Trajectory]] = {i: [] for i in active}
         for beam, row in zip(live, proposals):
@@ -699,6 +709,8 @@ def beam_search(
         active[:] = still_active
     results = []
     for i in range(len(prompts)):
+        for t in ended[i]:
+            t.problem = problems[i]
         finished = [t for t in ended[i] if t.end == "answer"]
         best = max(finished, key=lambda t: t.score, default=None)
         results.append(BeamResult(finished, tokens[i], best))
@@ -948,7 +960,17 @@ class Solver(Closeable):
         if model is None:
             raise ValueError("no policy: pass a model or --model_name_or_path (e.g. runs/tiny/round_2/policy)")
         self.model_name = model if isinstance(model, str) else type(model).__name__
-        self.backend = build_backend(model, self.args, processing_class)
+        import torch
+        from accelerate import PartialState
+
+        # Under `accelerate launch --num_processes N`, every method solves every N-th problem in each process (on
+        # its own GPU, where there are several) and the processes exchange their results: each returns them all.
+        # Seeds depend on a problem's index, never on its process, so the results are those of one process.
+        self.state = PartialState(cpu=not torch.cuda.is_available())
+        device = None
+        if self.state.num_processes > 1 and self.args.device is None and torch.cuda.is_available():
+            device = f"cuda:{self.state.local_process_index}"
+        self.backend = build_backend(model, self.args, processing_class, device)
         self._owns_backend = self.backend is not model
         self._ppm = ppm
         self._owns_ppm = False
@@ -988,21 +1010,36 @@ class Solver(Closeable):
         docstring); returns {label: MethodResult}, in the order given."""
         return {result.method: result for result in self.iter_solve(problems, methods)}
 
-    def iter_solve(self, problems, methods: Sequence[str | MethodSpec]) -> Iterator[MethodResult]:
-        """`solve_methods`, one `MethodResult` at a time, as each method finishes."""
+    def iter_solve(self, problems, methods: Sequence[str | MethodSpec],
+                   samples: Sequence[Sequence[Trajectory]] | None = None,
+                   samples_time: float = 0.0) -> Iterator[MethodResult]:  # fmt: skip
+        """`solve_methods`, one `MethodResult` at a time, as each method finishes.
+
+        `samples`: samples drawn earlier (`draw_samples`, at least as many per problem as the largest maj / best_of_n
+        / weighted_maj budget) for those methods to use instead of drawing them, e.g. to compare PPMs on the same
+        samples; `samples_time`, the seconds they took, is charged as if they had been drawn here."""
         if self._ppm is None:  # the PPM comes from args: the methods that need one must have it
             specs = self.args.parse_methods(methods)
         else:
             specs = parse_methods(methods, self.args.num_rollouts, self.args.num_candidates)
         questions = self._questions(problems)
-        return self._iter_solve(questions, specs)
-
-    def _iter_solve(self, questions: list[str], specs: list[MethodSpec]) -> Iterator[MethodResult]:
-        args = self.args
         shared = _Shared(specs)
-        executor = PythonExecutor(
-            timeout=args.executor_timeout, memory_mb=args.executor_memory_mb, max_workers=args.executor_workers
-        )
+        if samples is not None and shared.num_samples:
+            if len(samples) != len(questions):
+                raise ValueError(f"samples has {len(samples)} rows, one per problem was expected ({len(questions)})")
+            short = next((i for i, row in enumerate(samples) if len(row) < shared.num_samples), None)
+            if short is not None:
+                raise ValueError(
+                    f"samples has {len(samples[short])} samples of problem {short}; the methods need "
+                    f"{shared.num_samples}: draw at least that many"
+                )
+            # Copies: scoring writes each sample's score, and the caller may score the same samples with another PPM.
+            shared.samples = [[replace(t, step_scores=None, score=None) for t in row] for row in samples]
+            shared.samples_time = samples_time
+        return self._iter_solve(questions, specs, shared)
+
+    def _iter_solve(self, questions: list[str], specs: list[MethodSpec], shared: _Shared) -> Iterator[MethodResult]:
+        executor = self._executor()
         try:
             for spec in specs:
                 t0, shared_before = time.perf_counter(), shared.time
@@ -1047,7 +1084,11 @@ class Solver(Closeable):
         """The solutions of one method, and the time of shared work charged to it."""
         if spec.name == "greedy":
             prompts = [format_prompt(q, self.args.template) for q in questions]
-            rows = sample_solutions(self.backend, executor, self.args, prompts, 1, 0.0, desc="greedy")
+            mine = self._my_problems(len(prompts))
+            rows = sample_solutions(
+                self.backend, executor, self.args, prompts, 1, 0.0, desc=self._desc("greedy"), problems=mine
+            )
+            rows = self._gather(mine, rows)
             return [
                 Solution(i, questions[i], spec.label, t.answer, t.text, None, 0, None, t.tokens,
                          [_sample_candidate(t)], {"end": t.end})
@@ -1057,7 +1098,18 @@ class Solver(Closeable):
             return self._solve_samples(spec, questions, executor, shared)
         if spec.name == "mcts":
             return self._solve_mcts(spec, questions, shared)
-        results = beam_search(self.backend, executor, self.ppm, self.args, questions, *spec.budget, desc=spec.label)
+        mine = self._my_problems(len(questions))
+        results = beam_search(
+            self.backend,
+            executor,
+            self.ppm,
+            self.args,
+            questions,
+            *spec.budget,
+            desc=self._desc(spec.label),
+            problems=mine,
+        )
+        results = self._gather(mine, results)
         solutions = []
         for i, r in enumerate(results):
             candidates = [Candidate(t.text, t.answer, t.score, end=t.end) for t in r.finished]
@@ -1069,25 +1121,44 @@ class Solver(Closeable):
             ))  # fmt: skip
         return solutions, 0.0
 
+    def draw_samples(self, problems, num_samples: int,
+                     executor: PythonExecutor | None = None) -> list[list[Trajectory]]:  # fmt: skip
+        """`num_samples` step-wise solutions of every problem at `args.temperature` (result[i][j]: sample j of
+        problem i), unscored: the samples `maj@K`, `best_of_n@N` and `weighted_maj@N` (K, N <= num_samples) choose
+        from. Pass them to `iter_solve(..., samples=...)` to evaluate several PPMs on the same samples; they are
+        seeded per (seed, problem, sample, step, attempt), so a run draws the same ones."""
+        questions = self._questions(problems)
+        prompts = [format_prompt(q, self.args.template) for q in questions]
+        mine = self._my_problems(len(prompts))
+        own_executor = executor is None
+        if own_executor:
+            executor = self._executor()
+        try:
+            return self._gather(mine, sample_solutions(
+                self.backend, executor, self.args, prompts, num_samples, self.args.temperature,
+                desc=self._desc(f"sampling {num_samples}"), problems=mine,
+            ))  # fmt: skip
+        finally:
+            if own_executor:
+                executor.close()
+
     def _shared_samples(self, questions: list[str], executor: PythonExecutor, shared: _Shared):
         if shared.samples is None:
-            prompts = [format_prompt(q, self.args.template) for q in questions]
             t0 = time.perf_counter()
-            shared.samples = sample_solutions(
-                self.backend, executor, self.args, prompts, shared.num_samples, self.args.temperature,
-                desc=f"sampling {shared.num_samples}",
-            )  # fmt: skip
+            shared.samples = self.draw_samples(questions, shared.num_samples, executor)
             shared.samples_time = time.perf_counter() - t0
             shared.time += shared.samples_time
         return shared.samples
 
     def _score_samples(self, questions: list[str], shared: _Shared) -> None:
         """ONE PPM call for the answered samples: every prefix of every sample when a step aggregation is asked for
-        (the last prefix is the whole solution), else the whole solutions only."""
+        (the last prefix is the whole solution), else the whole solutions only. Under `accelerate launch` each
+        process scores its problems' samples."""
         if shared.scores_time is not None:
             return
         t0 = time.perf_counter()
-        answered = [t for row in shared.samples for t in row if t.answer is not None]
+        mine = self._my_problems(len(shared.samples))
+        answered = [t for i in mine for t in shared.samples[i][: shared.num_samples] if t.answer is not None]
         if answered and shared.step_scores_needed:
             texts = [(t, prefix) for t in answered for prefix in t.prefixes]
             scores = self.ppm.score([questions[t.problem] for t, _ in texts], [prefix for _, prefix in texts])
@@ -1101,8 +1172,37 @@ class Solver(Closeable):
             scores = self.ppm.score([questions[t.problem] for t in answered], [t.text for t in answered])
             for t, score in zip(answered, scores):
                 t.score = float(score)
+        if self.state.num_processes > 1:
+            scored = self._gather(mine, [[(t.score, t.step_scores) for t in shared.samples[i]] for i in mine])
+            for row, row_scores in zip(shared.samples, scored):
+                for t, (score, step_scores) in zip(row, row_scores):
+                    t.score, t.step_scores = score, step_scores
         shared.scores_time = time.perf_counter() - t0
         shared.time += shared.scores_time
+
+    # -- processes ----------------------------------------------------------------------------------------
+
+    def _executor(self) -> PythonExecutor:
+        args = self.args
+        return PythonExecutor(timeout=args.executor_timeout, memory_mb=args.executor_memory_mb,
+                              max_workers=args.executor_workers)  # fmt: skip
+
+    def _desc(self, label: str) -> str:
+        """A progress bar's label; under `accelerate launch`, with the process."""
+        return f"{label} [rank {self.state.process_index}]" if self.state.num_processes > 1 else label
+
+    def _my_problems(self, num_problems: int) -> list[int]:
+        """The problems this process solves: every one, or every N-th of N processes."""
+        return list(range(self.state.process_index, num_problems, self.state.num_processes))
+
+    def _gather(self, mine: list[int], results: list) -> list:
+        """Every process's `results` (results[k] belongs to problem mine[k]), in problem order."""
+        if self.state.num_processes == 1:
+            return results
+        from accelerate.utils import gather_object
+
+        pairs = gather_object(list(zip(mine, results)))
+        return [result for _, result in sorted(pairs, key=lambda pair: pair[0])]
 
     def _solve_samples(self, spec: MethodSpec, questions: list[str], executor: PythonExecutor,
                        shared: _Shared) -> tuple[list[Solution], float]:  # fmt: skip
@@ -1153,7 +1253,13 @@ class Solver(Closeable):
             elapsed = time.perf_counter() - t0
             results = [_search_candidate(row) for row in trees]
             grouped = [results[i * num_searches : (i + 1) * num_searches] for i in range(len(questions))]
-            shared.searches[key] = (grouped, meter.tokens, elapsed)
+            tokens = meter.tokens
+            if self.state.num_processes > 1:  # each process metered the searches it ran
+                from accelerate.utils import gather_object
+
+                counts = gather_object([tokens])
+                tokens = [sum(column) for column in zip(*counts)]
+            shared.searches[key] = (grouped, tokens, elapsed)
             shared.time += elapsed
         return shared.searches[key]
 

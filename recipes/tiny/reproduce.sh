@@ -18,7 +18,7 @@ PART=${1:?usage: reproduce.sh a|b|c|d|g [OUT]}
 OUT=${2:-runs/repro}
 PY=${PY:-.venv/bin/python}
 ACCELERATE=${ACCELERATE:-.venv/bin/accelerate}
-NPROC=${NPROC:-2}  # processes for the MCTS searches (the machine's cores; NPROC=1 runs everything in one process)
+NPROC=${NPROC:-2}  # processes for searches and evaluations (the machine's cores; NPROC=1: everything in one process)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 
 round() {  # run round $1 of the tiny recipe into $OUT (skipped when finished)
@@ -33,10 +33,14 @@ round() {  # run round $1 of the tiny recipe into $OUT (skipped when finished)
 }
 
 evaluate() {  # evaluate: $1 policy, $2 ppm ("" for greedy / maj), $3 output dir, $4 limit, rest: methods
-  local policy=$1 ppm=$2 out=$3 limit=$4
+  local policy=$1 ppm=$2 out=$3 limit=$4 launch=("$PY")
   shift 4
   [ -f "$out/results.json" ] && return 0  # finished earlier
-  "$PY" recipes/eval.py --config recipes/tiny/eval.yaml --model_name_or_path "$policy" --ppm_path "$ppm" \
+  if [ "${EVAL_NPROC:-$NPROC}" -gt 1 ]; then  # the problems shared out over the cores; the same results as one process
+    launch=("$ACCELERATE" launch --multi_gpu --num_processes "${EVAL_NPROC:-$NPROC}" --num_machines 1
+            --mixed_precision no --dynamo_backend no)
+  fi
+  "${launch[@]}" recipes/eval.py --config recipes/tiny/eval.yaml --model_name_or_path "$policy" --ppm_path "$ppm" \
     --output_dir "$out" --limit "$limit" --methods "$@"  # extra options after the methods pass through
 }
 
@@ -57,9 +61,10 @@ case "$PART" in
     batch=()
     for k in 0 1 2 3 4; do  # NPROC evaluations at a time, one core each (each is deterministic on its own)
       if [ "$k" = 0 ]; then
-        evaluate "$OUT/tiny_policy" "" "$OUT/eval/a/round_0" 2000 greedy &
+        EVAL_NPROC=1 evaluate "$OUT/tiny_policy" "" "$OUT/eval/a/round_0" 2000 greedy &
       else  # each round's policy and PPM cards get the round's numbers (--update_cards)
-        evaluate "$OUT/round_$k/policy" "$OUT/round_$k/ppm" "$OUT/eval/a/round_$k" 2000 greedy --update_cards &
+        EVAL_NPROC=1 evaluate "$OUT/round_$k/policy" "$OUT/round_$k/ppm" "$OUT/eval/a/round_$k" 2000 greedy \
+          --update_cards &
       fi
       batch+=($!)
       if [ "${#batch[@]}" -ge "$NPROC" ] || [ "$k" = 4 ]; then
@@ -71,12 +76,23 @@ case "$PART" in
   b)
     for k in 1 2 3 4; do round "$k"; done
     choose_mcts
-    for loss in pqm orm; do
+    pids=()
+    for loss in pqm orm; do  # the two baselines train side by side, one core each
       [ -f "$OUT/round_4/$loss/baseline.json" ] || "$PY" recipes/reward_baselines.py --round_dir "$OUT/round_4" \
-        --loss_type "$loss"
+        --loss_type "$loss" > "$OUT/round_4/$loss.log" 2>&1 &
+      pids+=($!)
+      if [ "${#pids[@]}" -ge "$NPROC" ]; then wait "${pids[0]}" || true; pids=("${pids[@]:1}"); fi
     done
-    for rm in ppm pqm orm; do
-      evaluate "$OUT/round_4/policy" "$OUT/round_4/$rm" "$OUT/eval/b/$rm" 1000 best_of_n@16 "$MCTS"
+    for pid in "${pids[@]}"; do wait "$pid" || true; done  # a failure is reported below, with its log
+    for loss in pqm orm; do
+      [ -f "$OUT/round_4/$loss/baseline.json" ] || { echo "the $loss baseline failed: $OUT/round_4/$loss.log" >&2; exit 1; }
+    done
+    # One set of best-of-16 samples for the three reward models (the same policy and seeds draw the same samples):
+    # the PPM's run draws them, the PQM's and the ORM's score them (--samples_from), as the registered design has it.
+    evaluate "$OUT/round_4/policy" "$OUT/round_4/ppm" "$OUT/eval/b/ppm" 1000 best_of_n@16 "$MCTS"
+    for rm in pqm orm; do
+      evaluate "$OUT/round_4/policy" "$OUT/round_4/$rm" "$OUT/eval/b/$rm" 1000 best_of_n@16 "$MCTS" \
+        --samples_from "$OUT/eval/b/ppm"
     done
     ;;
   c)

@@ -945,6 +945,9 @@ class Solver(Closeable):
         args: the settings (`SolverConfig`, or any `TestTimeConfig` such as `EvalConfig`).
         processing_class: the tokenizer of a loaded model.
 
+    Under `accelerate launch --num_processes N`, every process must make the same calls: each solves every N-th
+    problem and every process returns all the solutions (the same as one process would: seeds follow problems).
+
     Example:
         >>> with Solver("runs/tiny/round_2/policy", args=SolverConfig(ppm_path="runs/tiny/round_2/ppm")) as solver:
         ...     solutions = solver.solve(["What is 2 + 3?"], method="mcts@8x4x8:vote")

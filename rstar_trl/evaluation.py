@@ -35,7 +35,7 @@ from datasets import Dataset
 
 from .closing import Closeable
 from .data import load_problems
-from .format import format_prompt
+from .format import Step, format_prompt
 from .grading import grade_answer
 from .hub import put_card_section
 from .search.generator import StepScorer
@@ -364,8 +364,6 @@ def read_samples(folder: str, fingerprint: dict, num_samples: int,
     """The samples `write_samples` saved in `folder` (or the file itself), checked against `fingerprint` (the
     policy, problems and sampling settings of the run that uses them) and `num_samples` (at least that many per
     problem); returns them (with their `prompts`, one per problem) and the seconds they took to draw."""
-    from .format import Step
-
     path = os.path.join(folder, SAMPLES_FILE) if os.path.isdir(folder) else folder
     if not os.path.exists(path):
         raise FileNotFoundError(

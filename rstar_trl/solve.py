@@ -87,7 +87,7 @@ from .format import (
 )
 from .grading import extract_answer, grade_answer
 from .search.backends import GenerationBackend, mix_seed
-from .search.generator import MCTSConfig, MCTSGenerator, StepScorer, build_backend
+from .search.generator import MCTSConfig, MCTSGenerator, StepScorer, build_backend, process_device
 from .search.steps import check_completion, check_execution, closes_program, needs_execution
 from .search.tree import SearchTree
 
@@ -970,10 +970,7 @@ class Solver(Closeable):
         # its own GPU, where there are several) and the processes exchange their results: each returns them all.
         # Seeds depend on a problem's index, never on its process, so the results are those of one process.
         self.state = PartialState(cpu=not torch.cuda.is_available())
-        device = None
-        if self.state.num_processes > 1 and self.args.device is None and torch.cuda.is_available():
-            device = f"cuda:{self.state.local_process_index}"
-        self.backend = build_backend(model, self.args, processing_class, device)
+        self.backend = build_backend(model, self.args, processing_class, process_device(self.state, self.args, model))
         self._owns_backend = self.backend is not model
         self._ppm = ppm
         self._owns_ppm = False

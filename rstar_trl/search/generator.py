@@ -377,6 +377,16 @@ def _model_id(backend: GenerationBackend) -> str:
     return type(backend).__name__
 
 
+def process_device(state, args: MCTSConfig, model) -> str | None:
+    """The device of this process's backend under `accelerate launch` on several GPUs (its own GPU; a vLLM engine
+    gets its share of GPUs claimed), or None to leave it to `args.device`."""
+    if state.num_processes == 1 or args.device is not None or not torch.cuda.is_available():
+        return None
+    if args.backend == "vllm" and not isinstance(model, GenerationBackend):
+        _claim_gpus(state.local_process_index, args.tensor_parallel_size)
+    return f"cuda:{state.local_process_index}"
+
+
 def build_backend(model, args: MCTSConfig, processing_class=None, device: str | None = None) -> GenerationBackend:
     """The generation backend `args.backend` names, for `model` (a path / Hub id, or a loaded model for
     transformers)."""
@@ -442,12 +452,7 @@ class MCTSGenerator(Closeable):
         # backend on its own device; a plain `python` run is one process.
         # cpu=True on machines without CUDA: torchrun-launched processes then form a gloo group (MULTI_CPU).
         self.state = PartialState(cpu=not torch.cuda.is_available())
-        device = None
-        if self.state.num_processes > 1 and self.args.device is None and torch.cuda.is_available():
-            device = f"cuda:{self.state.local_process_index}"
-            if self.args.backend == "vllm" and not isinstance(model, GenerationBackend):
-                _claim_gpus(self.state.local_process_index, self.args.tensor_parallel_size)
-        self.backend = build_backend(model, self.args, processing_class, device)
+        self.backend = build_backend(model, self.args, processing_class, process_device(self.state, self.args, model))
         self._owns_backend = self.backend is not model
         self.model_name = model if isinstance(model, str) else _model_id(self.backend)
         self.stats: dict[str, float] = {}

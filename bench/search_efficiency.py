@@ -6,6 +6,11 @@ the same compute; this measures whether ours does on a task.
     .venv/bin/python bench/search_efficiency.py                        # tiny default: round 1's search, 128 problems
     .venv/bin/python bench/search_efficiency.py --policy runs/tiny/round_2/policy --rollouts 16 --candidates 8
     .venv/bin/python bench/search_efficiency.py --policy runs/tiny/round_3/policy --ppm runs/tiny/round_3/ppm
+    .venv/bin/python bench/search_efficiency.py --task chains            # long register programs (bench/_chains.py)
+
+Tasks: `tiny` (the tiny default's word problems, 1-6 steps) and `chains` (register programs of 7-10 instructions,
+8-11 steps; a policy is bootstrapped for it on first use, about 10 minutes on 2 CPU cores, and cached in
+bench/.cache). The chains are the case the paper's premise is about: long solutions whose every step can go wrong.
 
 Both sides use the same policy, backend, sampling settings (temperature, top-p, step and answer token limits,
 maximum depth) and executor, and both verify answers against the gold answer (the training setting of a round).
@@ -18,6 +23,12 @@ maximum depth) and executor, and both verify answers against the gold answer (th
 
 Solved: problems with at least one correct answer. Distinct correct: distinct correct solution texts (what the SFT
 data of a round can draw from). Token counts do not depend on the machine's speed, so neither do these ratios.
+
+Why one side finds more: distinct correct per token = answers per token x correct share of answers x distinct share
+of correct answers. The first factor is where step-level search saves (siblings share their prefix; a sample pays
+for its whole solution), the second where it can lose (a search spends part of its budget on branches it found
+wrong, sampling draws from the policy as it is). The bench prints the three factors for both sides, and the MCTS
+tokens spent on candidates it dropped (duplicates of a sibling, code errors, no step marker).
 Last line: one JSON object.
 """
 
@@ -32,7 +43,10 @@ from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree
 from rstar_trl.grading import grade_answer
 from rstar_trl.ppm import TransformersPPMScorer
 from rstar_trl.solve import Solver, SolverConfig
-from rstar_trl.tiny import provide_tiny_policy, tiny_splits, to_dataset
+from rstar_trl.tiny import build_tiny_policy, provide_tiny_policy, tiny_splits, to_dataset
+
+# Bootstrap of the chains policy: SFT steps (batch 32) on `chain_splits()["bootstrap"]`, the tiny default's sizes.
+CHAINS_BOOTSTRAP_STEPS = 500
 
 
 def _normalise(text: str) -> str:
@@ -53,7 +67,11 @@ def run_mcts(policy: str, ppm: str | None, problems, settings: dict, rollouts: i
         texts = {_normalise(tree.trajectory_text(n)) for n in tree.terminal_nodes() if n.correct}
         solved += bool(texts)
         distinct += len(texts)
-    return {"tokens": int(stats["tokens"]), "solved": solved, "distinct_correct": distinct, "seconds": seconds}
+    dropped = {k.removeprefix("tokens_dropped_"): int(v) for k, v in stats.items() if k.startswith("tokens_dropped_")}
+    return {"tokens": int(stats["tokens"]), "solved": solved, "distinct_correct": distinct,
+            "answers": int(stats.get("answers_correct", 0) + stats.get("answers_wrong", 0)),
+            "correct_answers": int(stats.get("answers_correct", 0)), "candidates": int(stats.get("candidates", 0)),
+            "tokens_dropped": dropped, "seconds": seconds}  # fmt: skip
 
 
 def run_sampling(policy: str, problems, settings: dict, max_samples: int) -> tuple[list[list[dict]], float]:
@@ -68,8 +86,8 @@ def run_sampling(policy: str, problems, settings: dict, max_samples: int) -> tup
     for solution in sorted(result.solutions, key=lambda s: s.index):
         gold = problems[solution.index]["answer"]
         samples.append([
-            {"tokens": c.tokens or 0, "correct": c.answer is not None and bool(grade_answer(c.answer, gold)),
-             "text": _normalise(c.text or "")}
+            {"tokens": c.tokens or 0, "answered": c.answer is not None,
+             "correct": c.answer is not None and bool(grade_answer(c.answer, gold)), "text": _normalise(c.text or "")}
             for c in solution.candidates
         ])  # fmt: skip
     return samples, seconds
@@ -77,27 +95,55 @@ def run_sampling(policy: str, problems, settings: dict, max_samples: int) -> tup
 
 def at_k(samples: list[list[dict]], k: int) -> dict:
     """Sampling's figures with the first k samples of every problem."""
-    tokens = solved = distinct = 0
+    tokens = solved = distinct = answers = correct = 0
     for rows in samples:
         first = rows[:k]
         tokens += sum(r["tokens"] for r in first)
         right = {r["text"] for r in first if r["correct"]}
         solved += bool(right)
         distinct += len(right)
-    return {"k": k, "tokens": tokens, "solved": solved, "distinct_correct": distinct}
+        answers += sum(r["answered"] for r in first)
+        correct += sum(r["correct"] for r in first)
+    return {"k": k, "tokens": tokens, "solved": solved, "distinct_correct": distinct, "answers": answers,
+            "correct_answers": correct}  # fmt: skip
 
 
 def per_1k(side: dict) -> dict:
+    """Per 1,000 tokens, and the factors of distinct correct per token (answers/token x correct x distinct share)."""
     thousands = max(side["tokens"], 1) / 1000
     return {**side, "solved_per_1k": side["solved"] / thousands,
-            "distinct_per_1k": side["distinct_correct"] / thousands}  # fmt: skip
+            "distinct_per_1k": side["distinct_correct"] / thousands, "answers_per_1k": side["answers"] / thousands,
+            "correct_share": side["correct_answers"] / max(side["answers"], 1),
+            "distinct_share": side["distinct_correct"] / max(side["correct_answers"], 1)}  # fmt: skip
+
+
+def chains_policy(path: str) -> str:
+    """The chains policy at `path`, bootstrapped there first when missing (about 10 minutes on 2 CPU cores)."""
+    from _chains import chain_splits
+
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        print(f"bootstrapping the chains policy in {path} ({CHAINS_BOOTSTRAP_STEPS} SFT steps) ...", flush=True)
+        build_tiny_policy(path, bootstrap_steps=CHAINS_BOOTSTRAP_STEPS,
+                          bootstrap_problems=chain_splits()["bootstrap"])  # fmt: skip
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--policy", help="Policy checkpoint (default: the shipped tiny policy).")
+    parser.add_argument("--task", choices=("tiny", "chains"), default="tiny",
+                        help="tiny: the tiny default's word problems; chains: long register programs "
+                             "(bench/_chains.py).")  # fmt: skip
+    parser.add_argument(
+        "--policy",
+        help="Policy checkpoint (default: the shipped tiny policy, or for --task chains "
+        "one bootstrapped on the chains and cached in bench/.cache).",
+    )
     parser.add_argument("--ppm", help="PPM checkpoint: the search is PPM-guided (Eq. 3), as in rounds 3-4.")
-    parser.add_argument("--split", default="train", help="Tiny split the problems come from (train: the rounds').")
+    parser.add_argument(
+        "--split",
+        default="train",
+        help="Tiny split the problems come from (train: the rounds'); chains have one, `bench`.",
+    )
     parser.add_argument("--problems", type=int, default=128, help="How many problems (the split's first).")
     parser.add_argument("--rollouts", type=int, default=8, help="MCTS rollouts per problem (tiny round 1: 8).")
     parser.add_argument("--candidates", type=int, default=5, help="Candidates per expansion (tiny round 1: 5).")
@@ -106,11 +152,19 @@ def main() -> None:
     args = parser.parse_args()
     print_cpu()
 
+    cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
     policy = args.policy
-    if policy is None:
-        policy = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "tiny_policy_shipped")
-        provide_tiny_policy(policy)
-    problems = to_dataset(tiny_splits()[args.split][: args.problems])
+    if args.task == "chains":
+        from _chains import chain_splits
+
+        policy = policy or chains_policy(os.path.join(cache, f"chains_policy_{CHAINS_BOOTSTRAP_STEPS}"))
+        args.split = "bench"
+        problems = to_dataset(chain_splits()["bench"][: args.problems])
+    else:
+        if policy is None:
+            policy = os.path.join(cache, "tiny_policy_shipped")
+            provide_tiny_policy(policy)
+        problems = to_dataset(tiny_splits()[args.split][: args.problems])
     # The tiny recipe's search settings (recipes/tiny/round*.yaml), shared by both sides.
     settings = {"temperature": 0.8, "top_p": 0.95, "max_step_tokens": 64, "max_answer_tokens": 32, "max_depth": 16,
                 "c_puct": 2.0, "prompt_template": "policy", "torch_threads": 1, "seed": args.seed, "device": "cpu",
@@ -122,17 +176,27 @@ def main() -> None:
     within = [point for point in curve if point["tokens"] <= mcts["tokens"]]
     below = per_1k(within[-1] if within else curve[0])
     above = per_1k(next((p for p in curve if p["tokens"] > mcts["tokens"]), curve[-1]))
-    print(f"\n{len(problems)} problems ({args.split}), policy {policy}, PPM {args.ppm or 'none'}\n")
-    print("| | samples / problem | tokens | solved | distinct correct | solved / 1k tokens | distinct / 1k tokens |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"\n{len(problems)} problems ({args.task}, {args.split}), policy {policy}, PPM {args.ppm or 'none'}\n")
+    print(
+        "| | samples / problem | tokens | solved | distinct correct | solved / 1k tokens | distinct / 1k tokens "
+        "| answers / 1k tokens | correct share | distinct share |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = [(f"MCTS {args.rollouts}x{args.candidates}", "-", mcts)]
     sides = [below, above] if above != below else [below]
     rows += [(f"sampling, k = {side['k']}", side["k"], side) for side in sides]
     for name, k, side in rows:
         print(f"| {name} | {k} | {side['tokens']} | {side['solved']} | {side['distinct_correct']} | "
-              f"{side['solved_per_1k']:.3f} | {side['distinct_per_1k']:.3f} |")  # fmt: skip
+              f"{side['solved_per_1k']:.3f} | {side['distinct_per_1k']:.3f} | {side['answers_per_1k']:.2f} | "
+              f"{side['correct_share']:.3f} | {side['distinct_share']:.3f} |")  # fmt: skip
+    dropped = sum(mcts["tokens_dropped"].values())
+    print(
+        f"\nMCTS tokens on dropped candidates: {dropped} ({dropped / max(mcts['tokens'], 1):.1%}): "
+        + ", ".join(f"{k} {v}" for k, v in sorted(mcts["tokens_dropped"].items()))
+    )
     record = {
-        "bench": "search_efficiency", "problems": len(problems), "split": args.split, "policy": policy,
+        "bench": "search_efficiency", "task": args.task, "problems": len(problems), "split": args.split,
+        "policy": policy,
         "ppm": args.ppm, "rollouts": args.rollouts, "candidates": args.candidates, "cpu": cpu_extensions(),
         "mcts": mcts, "sampling_at_most_mcts_tokens": below, "sampling_above_mcts_tokens": above,
         "ratio_solved_per_1k": mcts["solved_per_1k"] / max(below["solved_per_1k"], 1e-9),

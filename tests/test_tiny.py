@@ -156,7 +156,6 @@ def test_build_tiny_policy(tmp_path):
     info = json.loads((tmp_path / "policy" / "tiny_policy.json").read_text())
     assert info["bootstrap_steps"] == 20 and info["hidden_size"] == 32
     assert info["loss_end"] < info["loss_start"]
-    assert info["build_seconds"] < 120
 
     # The reloaded pair generates: a prompt in, new tokens out, stopping on the configured eos ids.
     inputs = tokenizer(render_trajectory(problem["problem"], [])["prompt"], return_tensors="pt")

@@ -685,6 +685,7 @@ class MCTSGenerator(Closeable):
                     reason = "duplicate"
                 if reason is not None:
                     counts[f"dropped_{reason}"] += 1
+                    counts[f"tokens_dropped_{reason}"] += completion.num_tokens
                     continue
                 seen.add(completion.text.strip())
                 candidates.append(_Candidate(search, leaf, completion.text, completion.num_tokens, sample, step=step))
@@ -703,6 +704,7 @@ class MCTSGenerator(Closeable):
             reason = check_execution(cand.step, result)
             if reason is not None:
                 counts[f"dropped_{reason}"] += 1
+                counts[f"tokens_dropped_{reason}"] += cand.tokens
                 failed.add(id(cand))
         candidates = [cand for cand in candidates if id(cand) not in failed]
 

@@ -138,6 +138,8 @@ def build_tiny_policy(
     bootstrap_levels: tuple[int, ...] = BOOTSTRAP_LEVELS,
     num_bootstrap: int = 2000,
     progress: bool = True,
+    bootstrap_problems: Sequence[dict] | None = None,
+    tokenizer_problems: Sequence[dict] | None = None,
 ) -> str:
     """Train the tiny default policy from scratch on CPU and save it (model, tokenizer, `tiny_policy.json`).
 
@@ -150,6 +152,11 @@ def build_tiny_policy(
         bootstrap_levels, num_bootstrap: the levels (a level listed twice gets twice the share) and size of the
             bootstrap split the policy learns from.
         progress: show a progress bar while training (False: build silently).
+        bootstrap_problems: another task's problems to learn from instead of the tiny default's bootstrap split:
+            dicts with `problem` and `steps` (a list of `Step`), like `generate_problems` gives. Then
+            `bootstrap_levels` and `num_bootstrap` are unused.
+        tokenizer_problems: the problems the tokenizer is trained on (default: the tiny default's, or
+            `bootstrap_problems` when those are given).
 
     Returns:
         `output_dir` as a string.
@@ -159,13 +166,21 @@ def build_tiny_policy(
     set_seed(seed)
 
     # The tokenizer sees every level (its own draw, not the test split) so later rounds' text is in vocabulary.
-    corpus = generate_problems(_TOKENIZER_PROBLEMS, LEVELS, _stream(seed, "tokenizer"))
+    corpus = (
+        tokenizer_problems
+        or bootstrap_problems
+        or generate_problems(_TOKENIZER_PROBLEMS, LEVELS, _stream(seed, "tokenizer"))
+    )
     tokenizer = train_tokenizer([row["prompt"] + row["completion"] + EOS_TOKEN for row in _render(corpus)])
     sizes = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads}
     model = _model(tokenizer, seed, intermediate_size=intermediate_size, **sizes)
 
-    splits = tiny_splits(seed, num_bootstrap=num_bootstrap, bootstrap_levels=tuple(bootstrap_levels))
-    bootstrap = datasets.Dataset.from_list(_render(splits["bootstrap"]))
+    custom = bootstrap_problems is not None
+    if not custom:
+        bootstrap_problems = tiny_splits(seed, num_bootstrap=num_bootstrap, bootstrap_levels=tuple(bootstrap_levels))[
+            "bootstrap"
+        ]
+    bootstrap = datasets.Dataset.from_list(_render(bootstrap_problems))
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(
             output_dir=scratch,
@@ -202,7 +217,7 @@ def build_tiny_policy(
         "seed": seed,
         "bootstrap_steps": bootstrap_steps,
         "bootstrap_problems": len(bootstrap),
-        "bootstrap_levels": list(bootstrap_levels),
+        "bootstrap_levels": None if custom else list(bootstrap_levels),
         "hidden_size": hidden_size,
         "num_layers": num_layers,
         "num_heads": num_heads,

@@ -181,6 +181,7 @@ def test_the_preallocated_cache_samples_what_a_growing_cache_samples(policy, pro
     from rstar_trl.search import TransformersBackend
 
     backend = TransformersBackend(policy, device="cpu", batch_size=16, torch_threads=1, prefix_cache_mb=0)
+    backend.own_decoding = False  # `generate`'s path (the one multi-token stop strings take)
     prompts = [MCTSConfig().template.replace("{question}", p) for p in problems["problem"][:6]]
     width = max(backend.count_tokens(prompts))
     # A budget no longer than the prompts decodes into a preallocated (static) cache, a longer one into a growing
@@ -189,6 +190,45 @@ def test_the_preallocated_cache_samples_what_a_growing_cache_samples(policy, pro
     long = backend.generate(prompts, 3, STEP_STOP_STRINGS, width + 8, 0.8, 0.95, seed=5)
     stopped = [(a, b) for ra, rb in zip(short, long) for a, b in zip(ra, rb) if a.finish_reason == "stop"]
     assert stopped and all(a == b for a, b in stopped)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.8, 0.95), (1.0, 1.0), (0.0, 1.0)])
+def test_our_decoding_loop_samples_what_generate_samples(policy, problems, temperature, top_p):
+    from rstar_trl.search import TransformersBackend
+
+    backend = TransformersBackend(policy, device="cpu", batch_size=16, torch_threads=1, prefix_cache_mb=64)
+    prompts = [MCTSConfig().template.replace("{question}", p) for p in problems["problem"][:6]]
+    for depth in range(3):  # prompts of growing, unequal lengths, as a search asks for them
+        outs = []
+        for own, compact_below in ((False, 0.0), (True, 0.0), (True, 0.75), (True, 1.0)):
+            backend.own_decoding, backend.compact_below = own, compact_below
+            outs.append(backend.generate(prompts, 3, STEP_STOP_STRINGS, 40, temperature, top_p, seed=depth))
+        assert outs[1] == outs[0] and outs[2] == outs[0] and outs[3] == outs[0]
+        lengths = {c.num_tokens for row in outs[0] for c in row}
+        assert len(lengths) > 1  # rows finish at different steps: the loop had rows to drop
+        prompts = [prompt + row[0].text + "\n" for prompt, row in zip(prompts, outs[0])]
+    assert backend.compactions > 0
+
+
+def test_the_roomy_cache_layer_grows_and_drops_rows_like_a_dynamic_one():
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from rstar_trl.search.backends import _RoomyLayer
+
+    roomy, plain = _RoomyLayer(room=2), DynamicLayer()
+    for length in (5, 1, 1, 1, 3, 1):  # runs out of room three times
+        keys, values = torch.randn(4, 2, length, 8), torch.randn(4, 2, length, 8)
+        got, want = roomy.update(keys, values), plain.update(keys, values)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert roomy.get_seq_length() == plain.get_seq_length()
+        assert roomy.get_mask_sizes(1) == plain.get_mask_sizes(1)
+    rows = torch.tensor([0, 2])
+    roomy.batch_select_indices(rows)
+    plain.batch_select_indices(rows)
+    keys, values = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
+    got, want = roomy.update(keys, values), plain.update(keys, values)
+    assert got[0].shape == (2, 2, 13, 8) and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_a_batch_mixing_cached_and_new_prompts_is_as_wide_as_its_longest_row(policy, problems):

@@ -177,6 +177,11 @@ class TransformersBackend(GenerationBackend):
         self.prefix_cache = None
         if prefix_cache_mb > 0 and self._plain:
             self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
+        # Our own decoding loop (`_decode`) where it applies; False: always transformers' `generate` (same samples).
+        self.own_decoding = True
+        # `_decode` drops finished rows from the batch once fewer than this share of its rows are still running.
+        self.compact_below = 0.75
+        self.compactions = 0
 
     @property
     def max_context(self) -> int | None:
@@ -220,6 +225,8 @@ class TransformersBackend(GenerationBackend):
         return results
 
     def _generate_batch(self, ids, seeds, n, stop, stop_ids, eos_ids, max_new_tokens, temperature, top_p):
+        if self.own_decoding and self._plain and stop_ids is not None and max(len(x) for x in ids) > 1:
+            return self._decode(ids, seeds, n, stop, stop_ids, eos_ids, max_new_tokens, temperature, top_p)
         pad = self.tokenizer.pad_token_id
         kwargs = {}
         if stop_ids is None:  # multi-token markers: let transformers match the strings
@@ -271,9 +278,14 @@ class TransformersBackend(GenerationBackend):
             pad_token_id=pad,
             **kwargs,
         )[:, width:]  # (prompts * n, new tokens)
+        return self._completions(out.tolist(), stop, stop_ids, eos_ids)
+
+    def _completions(self, rows: list[list[int]], stop, stop_ids, eos_ids) -> list[Completion]:
+        """Completions from generated token rows: cut at the first end-of-sequence id (a single-token stop marker
+        is kept, eos is not), decoded, and cut at the first stop string."""
         completions = []
         eos = set(eos_ids)
-        for row in out.tolist():
+        for row in rows:
             tokens = []
             ended_by_eos = False
             for token in row:
@@ -288,6 +300,71 @@ class TransformersBackend(GenerationBackend):
             reason = "stop" if stopped else ("eos" if ended_by_eos else "length")
             completions.append(Completion(text, len(tokens), reason))
         return completions
+
+    def _decode(self, ids, seeds, n, stop, stop_ids, eos_ids, max_new_tokens, temperature, top_p):
+        """Sample `n` continuations of each prompt in `ids`: the samples `generate` gives with `RowSeededSampler`
+        (the same tokens), faster on the short, ragged calls of a search.
+
+        Written by hand because `generate` keeps every row in the batch until the last one stops: a search's steps
+        differ in length, and a third of the rows of its calls were finished padding on the tiny policy. Here the
+        finished rows leave the batch (their keys and values are dropped) once fewer than `compact_below` of the
+        rows are still running, and the cache grows into preallocated room (`_RoomyLayer`), so each token attends
+        over the positions written so far, neither re-copying the cache (a plain dynamic cache) nor attending over
+        the unwritten budget (a static one). transformers' continuous batching (`generate_batch`) would also drop
+        finished rows, but it samples from one global generator, not per row.
+        """
+        pad = self.tokenizer.pad_token_id
+        input_ids, attention_mask, prefix = encode_with_prefix_cache(
+            self.model, ids, pad, self.device, self.prefix_cache, hold_back=1
+        )
+        cache = DynamicCache()
+        cache.layers = []
+        for layer in prefix.layers:
+            roomy = _RoomyLayer(room=max_new_tokens)
+            roomy.update(layer.keys.repeat_interleave(n, dim=0), layer.values.repeat_interleave(n, dim=0))
+            cache.layers.append(roomy)
+        mask = attention_mask.repeat_interleave(n, dim=0)  # (rows, width + 1): padding, prompt, last prompt token
+        token = input_ids[:, -1:].repeat_interleave(n, dim=0)
+        position = mask.sum(-1, keepdim=True) - 1
+        rows = mask.shape[0]
+        keys = torch.tensor([mix_seed(s, j) >> 1 for s in seeds for j in range(n)], device=self.device)
+        running = torch.arange(rows, device=self.device)  # the original row of each batch row
+        finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        eos = torch.tensor(eos_ids, device=self.device)
+        top = TopPLogitsWarper(top_p) if temperature > 0 and top_p < 1.0 else None
+        generated: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (original rows, their tokens)
+        for step in range(max_new_tokens):
+            out = self.model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
+                             use_cache=True)  # fmt: skip
+            scores = out.logits[:, -1, :].to(dtype=torch.float32)  # as `generate` does
+            if temperature > 0:  # the warpers and sampler `generate` gets in `_generate_batch`, in the same order
+                if temperature != 1.0:
+                    scores = scores / temperature
+                if top is not None:
+                    scores = top(None, scores)
+                scores = scores + _gumbel(keys, step, scores.shape[-1]).to(scores.dtype)
+            chosen = scores.argmax(-1)
+            live = ~finished
+            generated.append((running[live], chosen[live]))
+            finished = finished | torch.isin(chosen, eos)
+            alive = int((~finished).sum())
+            if alive == 0:
+                break
+            if alive < self.compact_below * len(finished):
+                keep = (~finished).nonzero().squeeze(1)
+                for layer in cache.layers:
+                    layer.batch_select_indices(keep)
+                running, keys, mask, position, chosen = (t[keep] for t in (running, keys, mask, position, chosen))
+                finished = finished[keep]
+                self.compactions += 1
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            position = position + 1
+            token = chosen[:, None]
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        for where, chosen in generated:
+            for row, tok in zip(where.tolist(), chosen.tolist()):
+                tokens[row].append(tok)
+        return self._completions(tokens, stop, stop_ids, eos_ids)
 
 
 @torch.inference_mode()
@@ -445,12 +522,49 @@ class RowSeededSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_width
-        vocab = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
-        x = self.keys[:, None] * _signed(0x9E3779B97F4A7C15) + vocab[None, :] * _signed(0xD1B54A32D192ED03)
-        x = x + _signed(step * 0xABC98388FB8FAC03 & _MASK64)  # int64 arithmetic wraps modulo 2**64
-        x = (x ^ _shift_right(x, 30)) * _signed(0xBF58476D1CE4E5B9)
-        x = (x ^ _shift_right(x, 27)) * _signed(0x94D049BB133111EB)
-        x = x ^ _shift_right(x, 31)
-        uniform = (_shift_right(x, 11).to(torch.float64) + 0.5) * 2.0**-53  # in (0, 1)
-        gumbel = -torch.log(-torch.log(uniform))
-        return scores + gumbel.to(scores.dtype)
+        return scores + _gumbel(self.keys.to(scores.device), step, scores.shape[-1]).to(scores.dtype)
+
+
+def _gumbel(keys: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
+    """Gumbel noise (rows, vocab) for new token `step` of the rows keyed by `keys` (float64)."""
+    vocab = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    x = keys[:, None] * _signed(0x9E3779B97F4A7C15) + vocab[None, :] * _signed(0xD1B54A32D192ED03)
+    x = x + _signed(step * 0xABC98388FB8FAC03 & _MASK64)  # int64 arithmetic wraps modulo 2**64
+    x = (x ^ _shift_right(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ _shift_right(x, 27)) * _signed(0x94D049BB133111EB)
+    x = x ^ _shift_right(x, 31)
+    uniform = (_shift_right(x, 11).to(torch.float64) + 0.5) * 2.0**-53  # in (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+class _RoomyLayer(DynamicLayer):
+    """A dynamic cache layer that writes into preallocated room (`room` more positions whenever it runs out), so a
+    new token neither copies the whole cache (`DynamicLayer` concatenates) nor is attended over unwritten positions
+    (`StaticLayer` attends over its full length). `keys` and `values` are views of the positions written so far."""
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room = max(1, room)
+        self.length = 0
+        self._keys = self._values = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self._keys is None or end > self._keys.shape[-2]:
+            keys = key_states.new_empty((*key_states.shape[:2], end + self.room, key_states.shape[-1]))
+            values = value_states.new_empty((*value_states.shape[:2], end + self.room, value_states.shape[-1]))
+            if self.length:
+                keys[:, :, : self.length] = self.keys
+                values[:, :, : self.length] = self.values
+            self._keys, self._values = keys, values
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._keys, self._values = self._keys[indices], self._values[indices]
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]

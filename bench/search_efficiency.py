@@ -9,7 +9,7 @@ the same compute; this measures whether ours does on a task.
     .venv/bin/python bench/search_efficiency.py --task chains            # long register programs (bench/_chains.py)
 
 Tasks: `tiny` (the tiny default's word problems, 1-6 steps) and `chains` (register programs of 7-10 instructions,
-8-11 steps; a policy is bootstrapped for it on first use, about 10 minutes on 2 CPU cores, and cached in
+8-11 steps; a policy is bootstrapped for it on first use, about 7 minutes on 2 CPU cores, and cached in
 bench/.cache). The chains are the case the paper's premise is about: long solutions whose every step can go wrong.
 
 Both sides use the same policy, backend, sampling settings (temperature, top-p, step and answer token limits,
@@ -118,7 +118,7 @@ def per_1k(side: dict) -> dict:
 
 
 def chains_policy(path: str) -> str:
-    """The chains policy at `path`, bootstrapped there first when missing (about 10 minutes on 2 CPU cores)."""
+    """The chains policy at `path`, bootstrapped there first when missing (about 7 minutes on 2 CPU cores)."""
     from _chains import chain_splits
 
     if not os.path.exists(os.path.join(path, "model.safetensors")):

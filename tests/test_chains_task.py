@@ -1,29 +1,20 @@
 """The second task family of bench/search_efficiency.py (long register programs), and a tiny policy built on it."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import re
-from pathlib import Path
 
 import pytest
+from bench_module import bench_module
 
 from rstar_trl import build_program, render_trajectory, split_steps
 from rstar_trl.tiny import build_tiny_policy
 
 
-def _chains():
-    path = Path(__file__).resolve().parents[1] / "bench" / "_chains.py"
-    spec = importlib.util.spec_from_file_location("_chains", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def chains():
-    return _chains()
+    return bench_module("_chains")
 
 
 def _run(steps) -> str:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import signal
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
+from bench_module import bench_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -532,11 +531,7 @@ def test_extraction_exceptions_are_counted_and_fall_back_to_the_answer_phrase(mo
 
 
 def _agreement_bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "grader_agreement.py"
-    spec = importlib.util.spec_from_file_location("grader_agreement", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("grader_agreement")
 
 
 def test_the_benchmark_data_folder_is_read_from_rstar_trl_data(monkeypatch, tmp_path):

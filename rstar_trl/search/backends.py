@@ -330,7 +330,7 @@ class TransformersBackend(GenerationBackend):
         keys = torch.tensor([mix_seed(s, j) >> 1 for s in seeds for j in range(n)], device=self.device)
         running = torch.arange(rows, device=self.device)  # the original row of each batch row
         finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        eos = torch.tensor(eos_ids, device=self.device)
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
         top = TopPLogitsWarper(top_p) if temperature > 0 and top_p < 1.0 else None
         generated: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (original rows, their tokens)
         for step in range(max_new_tokens):

@@ -37,6 +37,7 @@ import json
 import os
 import time
 
+from _chains import chain_splits
 from _common import cpu_extensions, print_cpu
 
 from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree
@@ -119,8 +120,6 @@ def per_1k(side: dict) -> dict:
 
 def chains_policy(path: str) -> str:
     """The chains policy at `path`, bootstrapped there first when missing (about 7 minutes on 2 CPU cores)."""
-    from _chains import chain_splits
-
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         print(f"bootstrapping the chains policy in {path} ({CHAINS_BOOTSTRAP_STEPS} SFT steps) ...", flush=True)
         build_tiny_policy(path, bootstrap_steps=CHAINS_BOOTSTRAP_STEPS,
@@ -141,8 +140,8 @@ def main() -> None:
     parser.add_argument("--ppm", help="PPM checkpoint: the search is PPM-guided (Eq. 3), as in rounds 3-4.")
     parser.add_argument(
         "--split",
-        default="train",
-        help="Tiny split the problems come from (train: the rounds'); chains have one, `bench`.",
+        help="Split the problems come from: for tiny, train (the default, the rounds' problems), validation or test; "
+        "chains have one, bench.",
     )
     parser.add_argument("--problems", type=int, default=128, help="How many problems (the split's first).")
     parser.add_argument("--rollouts", type=int, default=8, help="MCTS rollouts per problem (tiny round 1: 8).")
@@ -155,16 +154,20 @@ def main() -> None:
     cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
     policy = args.policy
     if args.task == "chains":
-        from _chains import chain_splits
-
+        if args.split not in (None, "bench"):
+            parser.error(f"--split {args.split}: the chains have one split, bench")
         policy = policy or chains_policy(os.path.join(cache, f"chains_policy_{CHAINS_BOOTSTRAP_STEPS}"))
         args.split = "bench"
         problems = to_dataset(chain_splits()["bench"][: args.problems])
     else:
+        args.split = args.split or "train"
+        splits = tiny_splits()
+        if args.split not in splits or args.split == "bootstrap":
+            parser.error(f"--split {args.split}: the tiny splits are train, validation and test")
         if policy is None:
             policy = os.path.join(cache, "tiny_policy_shipped")
             provide_tiny_policy(policy)
-        problems = to_dataset(tiny_splits()[args.split][: args.problems])
+        problems = to_dataset(splits[args.split][: args.problems])
     # The tiny recipe's search settings (recipes/tiny/round*.yaml), shared by both sides.
     settings = {"temperature": 0.8, "top_p": 0.95, "max_step_tokens": 64, "max_answer_tokens": 32, "max_depth": 16,
                 "c_puct": 2.0, "prompt_template": "policy", "torch_threads": 1, "seed": args.seed, "device": "cpu",

@@ -55,6 +55,17 @@ def test_failing_code_never_becomes_a_node():
     assert generator.stats["dropped_code_error"] >= 1
 
 
+def test_the_tokens_of_dropped_candidates_are_counted_by_reason():
+    # Each expansion of a first step samples FINISH three times: one is kept, two are duplicates of it.
+    generator = MCTSGenerator(ReplayBackend(script), _config(), _problems())
+    generator.generate()
+    stats = generator.stats
+    assert stats["dropped_duplicate"] >= 2 and stats["dropped_code_error"] >= 1
+    assert stats["tokens_dropped_duplicate"] == stats["dropped_duplicate"] * len(FINISH.split())
+    assert stats["tokens_dropped_code_error"] == stats["dropped_code_error"] * len(BROKEN.split())
+    assert stats["tokens_dropped_duplicate"] + stats["tokens_dropped_code_error"] < stats["tokens"]
+
+
 def test_terminal_children_are_backed_up_at_creation():
     # One rollout only: it follows the first child; the terminal child of the first step is scored at once.
     trees = MCTSGenerator(ReplayBackend(script), _config(num_rollouts=1), _problems()).generate()

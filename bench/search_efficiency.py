@@ -21,6 +21,12 @@ maximum depth) and executor, and both verify answers against the gold answer (th
   sampling; sample k of a problem is the same whatever N is). Compared at k samples per problem, the largest k
   whose tokens do not exceed the search's (and k + 1, the smallest that does).
 
+The headline ratios compare at equal tokens: sampling's solved and distinct correct counts interpolated linearly
+between k and k + 1 samples per problem at the search's token count. The paired test (per problem, McNemar, 95%
+interval of the difference) compares the search with k + 1 samples, which have at least the search's tokens. The
+figures per 1,000 tokens at k samples are printed too; they lean towards sampling, whose per-token yield falls as k
+grows.
+
 Solved: problems with at least one correct answer. Distinct correct: distinct correct solution texts (what the SFT
 data of a round can draw from). Token counts do not depend on the machine's speed, so neither do these ratios.
 
@@ -44,6 +50,7 @@ from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree
 from rstar_trl.grading import grade_answer
 from rstar_trl.ppm import TransformersPPMScorer
 from rstar_trl.solve import Solver, SolverConfig
+from rstar_trl.stats import paired_comparison
 from rstar_trl.tiny import build_tiny_policy, provide_tiny_policy, tiny_splits, to_dataset
 
 # Bootstrap of the chains policy: SFT steps (batch 32) on `chain_splits()["bootstrap"]`, the tiny default's sizes.
@@ -62,17 +69,18 @@ def run_mcts(policy: str, ppm: str | None, problems, settings: dict, rollouts: i
         trees = generator.generate()
         stats = generator.stats
     seconds = time.perf_counter() - start
-    solved = distinct = 0
+    solved_each, distinct = [], 0
     for row in trees:
         tree = SearchTree.from_json(row["tree"])
         texts = {_normalise(tree.trajectory_text(n)) for n in tree.terminal_nodes() if n.correct}
-        solved += bool(texts)
+        solved_each.append(bool(texts))
         distinct += len(texts)
+    solved = sum(solved_each)
     dropped = {k.removeprefix("tokens_dropped_"): int(v) for k, v in stats.items() if k.startswith("tokens_dropped_")}
     return {"tokens": int(stats["tokens"]), "solved": solved, "distinct_correct": distinct,
             "answers": int(stats.get("answers_correct", 0) + stats.get("answers_wrong", 0)),
             "correct_answers": int(stats.get("answers_correct", 0)), "candidates": int(stats.get("candidates", 0)),
-            "tokens_dropped": dropped, "seconds": seconds}  # fmt: skip
+            "tokens_dropped": dropped, "seconds": seconds, "solved_each": solved_each}  # fmt: skip
 
 
 def run_sampling(policy: str, problems, settings: dict, max_samples: int) -> tuple[list[list[dict]], float]:
@@ -96,17 +104,28 @@ def run_sampling(policy: str, problems, settings: dict, max_samples: int) -> tup
 
 def at_k(samples: list[list[dict]], k: int) -> dict:
     """Sampling's figures with the first k samples of every problem."""
-    tokens = solved = distinct = answers = correct = 0
+    tokens = distinct = answers = correct = 0
+    solved_each = []
     for rows in samples:
         first = rows[:k]
         tokens += sum(r["tokens"] for r in first)
         right = {r["text"] for r in first if r["correct"]}
-        solved += bool(right)
+        solved_each.append(bool(right))
         distinct += len(right)
         answers += sum(r["answered"] for r in first)
         correct += sum(r["correct"] for r in first)
-    return {"k": k, "tokens": tokens, "solved": solved, "distinct_correct": distinct, "answers": answers,
-            "correct_answers": correct}  # fmt: skip
+    return {"k": k, "tokens": tokens, "solved": sum(solved_each), "distinct_correct": distinct, "answers": answers,
+            "correct_answers": correct, "solved_each": solved_each}  # fmt: skip
+
+
+def at_tokens(below: dict, above: dict, tokens: int, key: str) -> float:
+    """Sampling's `key` at exactly `tokens` tokens, interpolated linearly between k and k + 1 samples per problem.
+    (Per-token figures fall as k grows, so comparing them at fewer tokens than the search's would favour
+    sampling; at equal tokens neither side is favoured.)"""
+    if above["tokens"] == below["tokens"]:
+        return float(below[key])
+    share = (tokens - below["tokens"]) / (above["tokens"] - below["tokens"])
+    return below[key] + share * (above[key] - below[key])
 
 
 def per_1k(side: dict) -> dict:
@@ -197,18 +216,32 @@ def main() -> None:
         f"\nMCTS tokens on dropped candidates: {dropped} ({dropped / max(mcts['tokens'], 1):.1%}): "
         + ", ".join(f"{k} {v}" for k, v in sorted(mcts["tokens_dropped"].items()))
     )
+    # Paired, per problem: solved by the search vs by sampling with at least as many tokens (k + 1 samples).
+    paired = paired_comparison(mcts["solved_each"], above["solved_each"])
+    equal = {key: at_tokens(below, above, mcts["tokens"], key) for key in ("solved", "distinct_correct")}
     record = {
         "bench": "search_efficiency", "task": args.task, "problems": len(problems), "split": args.split,
         "policy": policy,
         "ppm": args.ppm, "rollouts": args.rollouts, "candidates": args.candidates, "cpu": cpu_extensions(),
-        "mcts": mcts, "sampling_at_most_mcts_tokens": below, "sampling_above_mcts_tokens": above,
+        "mcts": _without_lists(mcts), "sampling_at_most_mcts_tokens": _without_lists(below),
+        "sampling_above_mcts_tokens": _without_lists(above), "sampling_at_mcts_tokens": equal,
+        "ratio_solved_equal_tokens": mcts["solved"] / max(equal["solved"], 1e-9),
+        "ratio_distinct_equal_tokens": mcts["distinct_correct"] / max(equal["distinct_correct"], 1e-9),
         "ratio_solved_per_1k": mcts["solved_per_1k"] / max(below["solved_per_1k"], 1e-9),
         "ratio_distinct_per_1k": mcts["distinct_per_1k"] / max(below["distinct_per_1k"], 1e-9),
-        "sampling_seconds": sampling_s,
+        "paired_solved_vs_k_above": paired.to_dict(), "sampling_seconds": sampling_s,
     }  # fmt: skip
-    print("\nMCTS / sampling at matched tokens: solved per 1k tokens x{:.2f}, distinct correct per 1k tokens x{:.2f}"
-          .format(record["ratio_solved_per_1k"], record["ratio_distinct_per_1k"]))  # fmt: skip
+    print("\nMCTS / sampling at equal tokens (interpolated between k and k + 1): solved x{:.2f}, distinct correct "
+          "x{:.2f}".format(record["ratio_solved_equal_tokens"], record["ratio_distinct_equal_tokens"]))  # fmt: skip
+    low, high = paired.ci95
+    print(f"Per problem, MCTS vs sampling with k = {above['k']} (at least the search's tokens): solved "
+          f"{paired.correct_a} vs {paired.correct_b}, difference {100 * paired.difference:+.1f} points "
+          f"(95% CI {100 * low:+.1f} to {100 * high:+.1f}), McNemar p = {paired.p_value:.3g}")  # fmt: skip
     print(json.dumps(record))
+
+
+def _without_lists(side: dict) -> dict:
+    return {k: v for k, v in side.items() if k != "solved_each"}
 
 
 if __name__ == "__main__":

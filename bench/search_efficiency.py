@@ -216,6 +216,10 @@ def main() -> None:
         f"\nMCTS tokens on dropped candidates: {dropped} ({dropped / max(mcts['tokens'], 1):.1%}): "
         + ", ".join(f"{k} {v}" for k, v in sorted(mcts["tokens_dropped"].items()))
     )
+    if above["tokens"] < mcts["tokens"]:
+        print(f"\nWARNING: {args.max_samples} samples per problem use fewer tokens than the search "
+              f"({above['tokens']} < {mcts['tokens']}): the comparisons below give sampling fewer tokens; "
+              "raise --max_samples.")  # fmt: skip
     # Paired, per problem: solved by the search vs by sampling with at least as many tokens (k + 1 samples).
     paired = paired_comparison(mcts["solved_each"], above["solved_each"])
     equal = {key: at_tokens(below, above, mcts["tokens"], key) for key in ("solved", "distinct_correct")}

@@ -165,7 +165,8 @@ def build_tiny_policy(
     output_dir = os.fspath(output_dir)
     set_seed(seed)
 
-    # The tokenizer sees every level (its own draw, not the test split) so later rounds' text is in vocabulary.
+    # The tokenizer sees every level (its own draw, not the test split) so later rounds' text is in vocabulary; for
+    # another task, it learns that task's problems.
     corpus = (
         tokenizer_problems
         or bootstrap_problems

@@ -34,6 +34,7 @@ import json
 import os
 import threading
 import time
+from dataclasses import replace
 
 import psutil
 from _common import cpu_extensions, print_cpu
@@ -125,6 +126,9 @@ def main() -> None:
     parser.add_argument("--gpu_memory_utilization", type=float, default=0.15, help="vLLM (on CPU: share of RAM)")
     parser.add_argument("--ppm", default=None, help="a PPM checkpoint: guided search, compared with unguided")
     parser.add_argument("--prefix_cache_mb", type=float, default=1024, help="transformers prefix cache (0: off)")
+    parser.add_argument("--lanes", type=int, default=1,
+                        help="MCTSConfig.pipeline_lanes of the search; above 1, a one-lane search of the same "
+                        "problems runs first and 'ratio_lanes' compares the two (and 'same_trees' whether they agree)")
     args = parser.parse_args()
     print_cpu()
 
@@ -144,11 +148,17 @@ def main() -> None:
     with build_backend(policy, config) as backend:
         backend.generate(["warm-up"], 4, STEP_STOP_STRINGS, 8)  # first-call costs belong to neither side
 
-        def search(ppm):
+        def search(ppm, lanes=args.lanes):
             cold(backend)
+            if ppm is not None and getattr(ppm, "prefix_cache", None) is not None:
+                ppm.prefix_cache.clear()
             recording = Recording(backend)
-            generator = MCTSGenerator(recording, config, problems, ppm=ppm)
+            generator = MCTSGenerator(recording, replace(config, pipeline_lanes=lanes), problems, ppm=ppm)
             return generator.generate(), generator.stats, recording
+
+        def searches(ppm):
+            one_lane = search(ppm, 1)[:2] if args.lanes > 1 else None
+            return one_lane, *search(ppm)
 
         if args.ppm:
             from rstar_trl.ppm import TransformersPPMScorer
@@ -157,9 +167,9 @@ def main() -> None:
             with TransformersPPMScorer(
                 args.ppm, device="cpu", **cache_option(TransformersPPMScorer, args.prefix_cache_mb)
             ) as scorer:
-                trees, stats, recording = search(scorer)
+                one_lane, trees, stats, recording = searches(scorer)
         else:
-            trees, stats, recording = search(None)
+            one_lane, trees, stats, recording = searches(None)
         mcts_tokens_per_s = stats["tokens"] / stats["time_s"]
 
         cold(backend)
@@ -192,12 +202,25 @@ def main() -> None:
             f"unguided search of the same problems: {unguided['tokens']} tokens in {unguided['time_s']:.1f} s = "
             f"{unguided_per_s:.0f} tokens/s; PPM-guided / unguided: x{mcts_tokens_per_s / unguided_per_s:.2f}"
         )
+    lanes = {}
+    if one_lane:
+        one_trees, one_stats = one_lane
+        one_per_s = one_stats["tokens"] / one_stats["time_s"]
+        lanes = {"ratio_lanes": round(mcts_tokens_per_s / one_per_s, 3), "one_lane_tokens_per_s": round(one_per_s, 1),
+                 "one_lane_generation_fraction": one_stats["generation_fraction"],
+                 "same_trees": one_trees["tree"] == trees["tree"]}  # fmt: skip
+        print(f"one lane (all trees in one wave): {one_stats['tokens']} tokens in {one_stats['time_s']:.1f} s = "
+              f"{one_per_s:.0f} tokens/s, engine busy {100 * one_stats['generation_fraction']:.0f}% of the time; "
+              f"{args.lanes} lanes: x{lanes['ratio_lanes']:.2f}, engine busy "
+              f"{100 * stats['generation_fraction']:.0f}%, same trees: {lanes['same_trees']}")  # fmt: skip
     print(f"peak RSS (this process + children): {memory.peak / 2**20:.0f} MB")
     print(json.dumps({
         "ratio": round(mcts_tokens_per_s / sampling_per_s, 3),
         "ratio_own_requests": round(mcts_tokens_per_s / own_per_s, 3),
         **({"ratio_ppm_guided": round(mcts_tokens_per_s / (unguided["tokens"] / unguided["time_s"]), 3),
             "unguided_tokens_per_s": round(unguided["tokens"] / unguided["time_s"], 1)} if unguided else {}),
+        **lanes,
+        "lanes": args.lanes,
         "ppm": args.ppm,
         "prefix_cache_mb": args.prefix_cache_mb,
         "mcts_tokens_per_s": round(mcts_tokens_per_s, 1),

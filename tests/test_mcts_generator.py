@@ -506,3 +506,93 @@ def test_unsolved_rollouts_must_be_positive_counts():
     with pytest.raises(ValueError, match=r"unsolved_rollouts .*\[64, 0\] \(0 is not\)"):
         MCTSConfig(unsolved_rollouts=[64, 0])
     assert MCTSConfig(unsolved_rollouts=(64, 128)).unsolved_rollouts == [64, 128]  # as run.json stores it
+
+
+# -- pipeline lanes ---------------------------------------------------------------------------------------------
+
+
+def test_lanes_search_the_same_trees_as_one_wave_of_all_trees(tmp_path):
+    # Seeded options, a failing step and extra passes: every tree depends on its own seeds only, so splitting the
+    # trees in flight into lanes (which changes which trees share a call, and when) changes no tree.
+    problems = _mixed_problems(MIXED * 2)
+    config = dict(num_rollouts=2, num_candidates=1, unsolved_rollouts=[2], problems_in_flight=4)
+    one = MCTSGenerator(SeededReplay(script), _config(**config), problems)
+    reference = one.generate()
+    for lanes in (2, 4):
+        generator = MCTSGenerator(SeededReplay(script), _config(**config, pipeline_lanes=lanes,
+                                                                  output_dir=str(tmp_path / str(lanes))), problems)  # fmt: skip
+        assert generator.generate().to_dict() == reference.to_dict()
+        for name in ("tokens", "candidates", "problems_solved", "problems_searched_pass1", "dropped_code_error"):
+            assert generator.stats[name] == one.stats[name], name
+        assert sorted(row["index"] for row in _shard_rows(tmp_path / str(lanes)) if row["search_pass"] == 0) == list(
+            range(len(problems)))  # fmt: skip
+
+
+class GatedScorer:
+    """A PPM that, on its first calls, holds on until a generation call starts while it is scoring (up to
+    `patience` seconds): it sees whether the search generates for some trees while it scores others."""
+
+    def __init__(self, patience: float = 10.0):
+        self.scoring = False
+        self.generation_started = None
+        self.overlaps = 0
+        self.patience = patience
+
+    def score(self, questions, partial_solutions):
+        import threading
+
+        self.generation_started = threading.Event()
+        self.scoring = True
+        if self.overlaps == 0:
+            self.overlaps += self.generation_started.wait(self.patience)
+        self.scoring = False
+        return [0.5] * len(partial_solutions)
+
+
+class WatchedReplay(SeededReplay):
+    def __init__(self, script, scorer: GatedScorer):
+        super().__init__(script)
+        self.scorer = scorer
+        self.during_scoring = 0
+
+    def generate(self, prompts, n, stop, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
+        if self.scorer.scoring:
+            self.during_scoring += 1
+            self.scorer.generation_started.set()
+        return super().generate(prompts, n, stop, max_new_tokens, temperature, top_p, seed)
+
+
+def test_lanes_generate_for_some_trees_while_others_are_scored():
+    problems = _mixed_problems(MIXED)
+    config = _config(num_rollouts=2, num_candidates=3, problems_in_flight=4, pipeline_lanes=2)
+    scorer = GatedScorer()
+    backend = WatchedReplay(script, scorer)
+    with_lanes = MCTSGenerator(backend, config, problems, ppm=scorer).generate()
+    assert scorer.overlaps == 1 and backend.during_scoring >= 1
+    # One wave at a time: generation never runs while scoring (the scorer waits in vain, briefly).
+    scorer = GatedScorer(patience=0.2)
+    backend = WatchedReplay(script, scorer)
+    one = MCTSGenerator(backend, _config(num_rollouts=2, num_candidates=3, problems_in_flight=4), problems, ppm=scorer)
+    assert one.generate().to_dict() == with_lanes.to_dict()
+    assert scorer.overlaps == 0 and backend.during_scoring == 0
+
+
+def test_a_failing_lane_stops_every_lane_and_keeps_the_finished_trees(tmp_path):
+    problems = _mixed_problems(["5", "7", "7", "5", "5", "5"])
+    config = dict(num_rollouts=2, num_candidates=1, problems_in_flight=2, pipeline_lanes=2, shard_size=1)
+    crashing = SeededReplay(script, crash_at_seed=_root_seed(0, 0, 4))
+    with pytest.raises(RuntimeError, match="went away"):
+        MCTSGenerator(crashing, _config(**config, output_dir=str(tmp_path)), problems).generate()
+    saved = {row["index"] for row in _shard_rows(tmp_path)}
+    assert saved and 4 not in saved
+    generator = MCTSGenerator(SeededReplay(script), _config(**config, output_dir=str(tmp_path)), problems)
+    trees = generator.generate()
+    reference = MCTSGenerator(SeededReplay(script), _config(**config), problems).generate()
+    assert trees.to_dict() == reference.to_dict() and generator.stats["problems_resumed"] == len(saved)
+
+
+def test_lanes_must_split_the_problems_in_flight():
+    with pytest.raises(ValueError, match=r"pipeline_lanes \(5\) .*problems in flight \(4\)"):
+        MCTSConfig(problems_in_flight=4, pipeline_lanes=5)
+    with pytest.raises(ValueError, match="pipeline_lanes must be >= 1"):
+        MCTSConfig(pipeline_lanes=0)

@@ -76,6 +76,10 @@ class Completion:
 class GenerationBackend(Closeable, ABC):
     """What `MCTSGenerator` needs from a generation engine."""
 
+    #: Whether `generate` may be called from several threads at once (`MCTSConfig.pipeline_lanes`); otherwise the
+    #: search's lanes take turns.
+    concurrent_calls: bool = False
+
     @abstractmethod
     def generate(
         self,

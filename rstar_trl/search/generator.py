@@ -27,8 +27,11 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -101,6 +104,11 @@ class MCTSConfig:
         allow_unexecuted_answers: keep answers written without a closed, executed program (policies that do not
             write code); by default they are dropped (`dropped_unexecuted_answer`).
         problems_in_flight: trees searched at once; every wave batches all their expansions.
+        pipeline_lanes: the trees in flight are split into this many lanes, each running its own waves, that take
+            turns with the generation engine: while one lane's candidates are executed, graded and scored, another
+            lane generates, so the engine does not wait for those stages. 1: one wave of all trees at a time. The
+            trees are the same for any number of lanes (every seed is per tree) as long as a sequence's samples do
+            not depend on its batch neighbours; see docs/method.md.
 
     > Parameters that control generation
 
@@ -180,6 +188,12 @@ class MCTSConfig:
     problems_in_flight: int = field(
         default=256, metadata={"help": "Trees searched at once; each wave batches all their expansions."}
     )
+    pipeline_lanes: int = field(
+        default=1,
+        metadata={"help": "Split the trees in flight into this many lanes that take turns with the generation engine: "
+                  "while one lane's candidates are executed, graded and scored, another lane generates. 1: one wave "
+                  "of all trees at a time. The trees do not depend on it (seeds are per tree)."},
+    )  # fmt: skip
     backend: str = field(
         default="transformers",
         metadata={"help": "Generation engine: 'transformers', 'vllm' (offline engine) or 'server' (an "
@@ -262,9 +276,15 @@ class MCTSConfig:
     )
 
     def __post_init__(self):
-        for name in ("num_rollouts", "num_candidates", "max_depth", "problems_in_flight", "max_step_tokens"):
+        for name in ("num_rollouts", "num_candidates", "max_depth", "problems_in_flight", "max_step_tokens",
+                     "pipeline_lanes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"MCTSConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.pipeline_lanes > self.problems_in_flight:
+            raise ValueError(
+                f"MCTSConfig.pipeline_lanes ({self.pipeline_lanes}) splits the problems in flight "
+                f"({self.problems_in_flight}) into lanes: it cannot exceed problems_in_flight"
+            )
         self.unsolved_rollouts = list(self.unsolved_rollouts or [])  # a tuple would not match run.json's list
         bad = [n for n in self.unsolved_rollouts if isinstance(n, bool) or not isinstance(n, int) or n < 1]
         if bad:
@@ -318,6 +338,22 @@ class _Search:
     def end_rollout(self) -> None:
         self.rollouts += 1
         self.cursor = None
+
+
+class _Run:
+    """What the lanes of one `generate` share: the queue of searches, the finished rows, the shard store and the
+    progress bar, all behind `lock`; `stop` tells every lane to stop after its current wave."""
+
+    def __init__(self, queue: deque, finished: dict, store: ShardStore | None, progress, lanes: int):
+        self.queue, self.finished, self.store, self.progress = queue, finished, store, progress
+        self.solved = 0
+        self.in_flight = [0] * lanes  # per lane
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+
+def _lock_unless(unneeded: bool):
+    return nullcontext() if unneeded else threading.Lock()
 
 
 @dataclass
@@ -518,7 +554,6 @@ class MCTSGenerator(Closeable):
                 counts[f"problems_resumed_for_pass{resumed.pass_number}"] += 1
                 queue.appendleft(resumed)
         finished: dict[int, dict] = {}
-        active: list[_Search] = []
         executor = PythonExecutor(
             timeout=args.executor_timeout, memory_mb=args.executor_memory_mb, max_workers=args.executor_workers
         )
@@ -526,42 +561,37 @@ class MCTSGenerator(Closeable):
             total=sum(s.num_rollouts for s in queue), desc="MCTS rollouts" + (f" [rank {rank}]" if world > 1 else ""),
             unit="rollout", disable=not self.state.is_local_main_process,
         )  # fmt: skip
-        wave = 0
+        lanes = args.pipeline_lanes
+        run = _Run(queue, finished, store, progress, lanes)
+        sizes = [args.problems_in_flight // lanes + (i < args.problems_in_flight % lanes) for i in range(lanes)]
+        lane_counts, lane_timers = [Counter() for _ in sizes], [Counter() for _ in sizes]
+        # Lanes share the engine (and the PPM) through a lock, so a lane's call never interleaves with another's;
+        # backends that take concurrent calls (a server) go without one.
+        self._engine_lock = _lock_unless(lanes == 1 or getattr(self.backend, "concurrent_calls", False))
+        self._scorer_lock = _lock_unless(lanes == 1 or getattr(self.ppm, "concurrent_calls", False))
+        waves = 0
         try:
-            while queue or active:
-                # Trees still searching first, then new ones from the queue into every free slot, in this same wave:
-                # a search that ends (and the next pass it may queue) leaves no slot idle for a wave.
-                waiting, active = deque(active), []
-                expansions: list[tuple[_Search, Node]] = []
-                while waiting or (queue and len(active) < args.problems_in_flight):
-                    search = waiting.popleft() if waiting else queue.popleft()
-                    leaf = search.next_leaf()
-                    if leaf is not None:
-                        expansions.append((search, leaf))
-                        active.append(search)
-                        continue
-                    progress.update(search.num_rollouts - min(search.rollouts, search.num_rollouts))
-                    following = self._end_search(search, counts, finished, store)
-                    if following is not None:
-                        # First in the queue: the longer searches of later passes start as early as they can, so the
-                        # run does not end waiting for one of them while the other slots sit empty.
-                        queue.appendleft(following)
-                        progress.total += following.num_rollouts
-                        progress.refresh()
-                if not expansions:
-                    continue
-                rollouts_before = sum(s.rollouts for s in active)
-                self._wave(expansions, executor, counts, timers)
-                wave += 1
-                progress.update(sum(s.rollouts for s in active) - rollouts_before)
-                progress.set_postfix(solved=counts["problems_solved"], in_flight=len(active), queued=len(queue))
+            if lanes == 1:
+                waves = self._lane(0, sizes[0], run, executor, lane_counts[0], lane_timers[0])
+            else:
+                with ThreadPoolExecutor(lanes, thread_name_prefix="mcts-lane") as pool:
+                    futures = [pool.submit(self._lane, lane, size, run, executor, lane_counts[lane], lane_timers[lane])
+                               for lane, size in enumerate(sizes)]  # fmt: skip
+                    try:
+                        wait(futures, return_when=FIRST_EXCEPTION)
+                    finally:
+                        run.stop.set()  # a lane failed, or Ctrl-C: the others stop after their current wave
+                    waves = sum(future.result() for future in futures)  # re-raises a lane's error
         finally:
             progress.close()
             executor.close()
             if store is not None:
                 store.flush()  # whatever finished is kept, even when the search stops on an error
+            for lane_count, lane_timer in zip(lane_counts, lane_timers):
+                counts.update(lane_count)
+                timers.update(lane_timer)
         total = time.perf_counter() - start
-        self.stats = self._report(counts, timers, total, wave)
+        self.stats = self._report(counts, timers, total, waves)
         rows = self._collect(store, finished, done)
         for i, search in enumerate(searches):
             if status[i] != "searched":
@@ -570,6 +600,53 @@ class MCTSGenerator(Closeable):
         if missing:
             raise RuntimeError(f"no search result for problem(s) {missing[:10]} (of {len(missing)} missing)")
         return self._to_dataset([rows[i] for i in range(len(self.dataset))])
+
+    def _lane(self, lane: int, slots: int, run: _Run, executor: PythonExecutor, counts: Counter,
+              timers: Counter) -> int:  # fmt: skip
+        """Lane number `lane`: run waves over up to `slots` trees at once, taking problems from the shared queue,
+        until the queue is empty and this lane's trees are done (or `run.stop` is set). Returns its waves."""
+        active: list[_Search] = []
+        waves = 0
+        while not run.stop.is_set():
+            # Trees still searching first, then new ones from the queue into every free slot, in this same wave:
+            # a search that ends (and the next pass it may queue) leaves no slot idle for a wave.
+            waiting, active = deque(active), []
+            expansions: list[tuple[_Search, Node]] = []
+            while waiting or len(active) < slots:
+                if waiting:
+                    search = waiting.popleft()
+                else:
+                    with run.lock:
+                        search = run.queue.popleft() if run.queue else None
+                    if search is None:
+                        break
+                leaf = search.next_leaf()
+                if leaf is not None:
+                    expansions.append((search, leaf))
+                    active.append(search)
+                    continue
+                with run.lock:
+                    run.progress.update(search.num_rollouts - min(search.rollouts, search.num_rollouts))
+                    following = self._end_search(search, counts, run.finished, run.store)
+                    if following is not None:
+                        # First in the queue: the longer searches of later passes start as early as they can, so the
+                        # run does not end waiting for one of them while the other slots sit empty.
+                        run.queue.appendleft(following)
+                        run.progress.total += following.num_rollouts
+                        run.progress.refresh()
+                    else:
+                        run.solved += search.tree.solved
+            if not expansions:  # nothing in flight and nothing queued
+                run.in_flight[lane] = 0
+                return waves
+            rollouts_before = sum(s.rollouts for s in active)
+            self._wave(expansions, executor, counts, timers)
+            waves += 1
+            with run.lock:
+                run.in_flight[lane] = len(active)
+                run.progress.update(sum(s.rollouts for s in active) - rollouts_before)
+                run.progress.set_postfix(solved=run.solved, in_flight=sum(run.in_flight), queued=len(run.queue))
+        return waves
 
     def _end_search(self, search: _Search, counts: Counter, finished: dict[int, dict],
                     store: ShardStore | None) -> _Search | None:  # fmt: skip
@@ -667,11 +744,13 @@ class MCTSGenerator(Closeable):
         # tree never depends on the other trees in flight.
         prefixes = [search.prompt + search.tree.trajectory_text(leaf) for search, leaf in expansions]
         seeds = [mix_seed(search.seed, search.index, leaf.id, leaf.failed_expansions) for search, leaf in expansions]
-        t0 = time.perf_counter()
-        samples = self.backend.generate(
-            prefixes, args.num_candidates, STEP_STOP_STRINGS, args.max_step_tokens, args.temperature, args.top_p, seeds
-        )
-        timers["generation"] += time.perf_counter() - t0
+        with self._engine_lock:  # timed inside: with lanes, the time a lane waits for the engine is not generation
+            t0 = time.perf_counter()
+            samples = self.backend.generate(
+                prefixes, args.num_candidates, STEP_STOP_STRINGS, args.max_step_tokens, args.temperature, args.top_p,
+                seeds,
+            )  # fmt: skip
+            timers["generation"] += time.perf_counter() - t0
         candidates: list[_Candidate] = []
         out_of_room: list[tuple[_Search, Node]] = []
         for (search, leaf), completions in zip(expansions, samples):
@@ -713,13 +792,14 @@ class MCTSGenerator(Closeable):
         for cand in closed:
             cand.text = f"{cand.text}\n{OUTPUT_START}{cand.output.strip()}{OUTPUT_END}\n"
         if closed:
-            t0 = time.perf_counter()
-            answers = self.backend.generate(
-                [cand.search.prompt + cand.search.tree.trajectory_text(cand.leaf) + cand.text for cand in closed],
-                1, ANSWER_STOP_STRINGS, args.max_answer_tokens, args.temperature, args.top_p,
-                [mix_seed(cand.search.seed, *cand.answer_seed_parts) for cand in closed],
-            )  # fmt: skip
-            timers["generation"] += time.perf_counter() - t0
+            with self._engine_lock:
+                t0 = time.perf_counter()
+                answers = self.backend.generate(
+                    [cand.search.prompt + cand.search.tree.trajectory_text(cand.leaf) + cand.text for cand in closed],
+                    1, ANSWER_STOP_STRINGS, args.max_answer_tokens, args.temperature, args.top_p,
+                    [mix_seed(cand.search.seed, *cand.answer_seed_parts) for cand in closed],
+                )  # fmt: skip
+                timers["generation"] += time.perf_counter() - t0
             for cand, (answer,) in zip(closed, answers):
                 cand.text += answer.text
                 cand.tokens += answer.num_tokens
@@ -742,12 +822,13 @@ class MCTSGenerator(Closeable):
             if not (cand.final and search.tree.gold_answer is not None) and node.depth < args.max_depth
         ]  # fmt: skip
         if self.ppm is not None and to_score:
-            t0 = time.perf_counter()
-            scores = self.ppm.score(
-                [search.tree.question for search, _ in to_score],
-                [search.tree.trajectory_text(node) for search, node in to_score],
-            )
-            timers["scoring"] += time.perf_counter() - t0
+            with self._scorer_lock:
+                t0 = time.perf_counter()
+                scores = self.ppm.score(
+                    [search.tree.question for search, _ in to_score],
+                    [search.tree.trajectory_text(node) for search, node in to_score],
+                )
+                timers["scoring"] += time.perf_counter() - t0
             for (_, node), score in zip(to_score, scores):
                 node.ppm_score = float(score)
         t0 = time.perf_counter()
@@ -819,7 +900,7 @@ class MCTSGenerator(Closeable):
             "execution_s": round(timers["execution"], 3),
             "scoring_s": round(timers["scoring"], 3),
             "grading_s": round(timers["grading"], 3),
-            "bookkeeping_s": round(total - accounted, 3),
+            "bookkeeping_s": round(max(0.0, total - accounted), 3),  # with lanes the parts overlap: see docs
         }
         for part in ("generation", "execution", "scoring", "grading", "bookkeeping"):
             stats[f"{part}_fraction"] = round(stats[f"{part}_s"] / total, 3) if total else 0.0

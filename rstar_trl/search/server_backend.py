@@ -143,6 +143,7 @@ class OpenAIServerBackend(ServerClient, GenerationBackend):
     """
 
     _server_role = "generation server"
+    concurrent_calls = True  # every call is HTTP requests through a thread-safe client; the server batches them
     _start_hint = "`vllm serve <model> --host 0.0.0.0 --port 8000` and pass --server_url http://<host>:8000"
 
     def __init__(self, base_url: str, model: str | None = None, tokenizer=None, concurrency: int = 64,

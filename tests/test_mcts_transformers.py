@@ -110,6 +110,15 @@ def test_same_seed_same_model_on_cpu_gives_the_same_trees(policy, problems):
     assert third["tree"] != first["tree"]
 
 
+def test_lanes_search_the_same_trees_as_one_wave_of_all_trees(policy, problems, searched):
+    # Three lanes of 4 trees each take turns with the engine: other batches, other timing, the same samples.
+    generator = MCTSGenerator(policy, _config(problems_in_flight=12, pipeline_lanes=3), problems)
+    trees = generator.generate()
+    assert trees["tree"] == searched[1]["tree"]
+    assert generator.stats["tokens"] == searched[0].stats["tokens"]
+    assert generator.stats["waves"] > searched[0].stats["waves"]  # every lane ran its own waves
+
+
 def test_loaded_model_without_tokenizer_is_refused(policy, problems):
     from transformers import AutoModelForCausalLM
 

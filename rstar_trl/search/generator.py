@@ -904,7 +904,7 @@ class MCTSGenerator(Closeable):
             "execution_s": round(timers["execution"], 3),
             "scoring_s": round(timers["scoring"], 3),
             "grading_s": round(timers["grading"], 3),
-            "bookkeeping_s": round(max(0.0, total - accounted), 3),  # with lanes the parts overlap: see docs
+            "bookkeeping_s": round(max(0.0, total - accounted), 3),  # lanes overlap the parts (docs/method.md)
         }
         for part in ("generation", "execution", "scoring", "grading", "bookkeeping"):
             stats[f"{part}_fraction"] = round(stats[f"{part}_s"] / total, 3) if total else 0.0

@@ -529,64 +529,64 @@ def test_lanes_search_the_same_trees_as_one_wave_of_all_trees(tmp_path):
             range(len(problems)))  # fmt: skip
 
 
-class GatedScorer:
-    """A PPM that, on its first calls, holds on until a generation call starts while it is scoring (up to
-    `patience` seconds): it sees whether the search generates for some trees while it scores others."""
+class SlowScorer:
+    """A PPM whose every call takes `seconds`, noting whether it is scoring."""
 
-    def __init__(self, patience: float = 10.0):
+    def __init__(self, seconds: float = 0.1):
+        self.seconds = seconds
         self.scoring = False
-        self.generation_started = None
-        self.overlaps = 0
-        self.patience = patience
 
     def score(self, questions, partial_solutions):
-        import threading
-
-        self.generation_started = threading.Event()
         self.scoring = True
-        if self.overlaps == 0:
-            self.overlaps += self.generation_started.wait(self.patience)
+        time.sleep(self.seconds)
         self.scoring = False
         return [0.5] * len(partial_solutions)
 
 
 class WatchedReplay(SeededReplay):
-    def __init__(self, script, scorer: GatedScorer):
-        super().__init__(script)
+    """Counts the generation calls made while the scorer is scoring, and those made after `crashed` is set."""
+
+    def __init__(self, script, scorer: SlowScorer | None = None, crash_at_seed: int | None = None):
+        super().__init__(script, crash_at_seed=crash_at_seed)
         self.scorer = scorer
-        self.during_scoring = 0
+        self.during_scoring = self.after_crash = 0
+        self.crashed = False
 
     def generate(self, prompts, n, stop, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
-        if self.scorer.scoring:
-            self.during_scoring += 1
-            self.scorer.generation_started.set()
+        self.during_scoring += bool(self.scorer and self.scorer.scoring)
+        self.after_crash += self.crashed
+        self.crashed |= stop == STEP_STOP_STRINGS and self.crash_at_seed in seed
         return super().generate(prompts, n, stop, max_new_tokens, temperature, top_p, seed)
 
 
 def test_lanes_generate_for_some_trees_while_others_are_scored():
+    # Each scoring call takes 0.1 s. With two lanes, once one lane is scoring, the other generates: after both meet
+    # at the scorer, the one that scored first runs its next wave's generation while the other scores.
     problems = _mixed_problems(MIXED)
-    config = _config(num_rollouts=2, num_candidates=3, problems_in_flight=4, pipeline_lanes=2)
-    scorer = GatedScorer()
+    config = dict(num_rollouts=2, num_candidates=3, problems_in_flight=4)
+    scorer = SlowScorer()
     backend = WatchedReplay(script, scorer)
-    with_lanes = MCTSGenerator(backend, config, problems, ppm=scorer).generate()
-    assert scorer.overlaps == 1 and backend.during_scoring >= 1
-    # One wave at a time: generation never runs while scoring (the scorer waits in vain, briefly).
-    scorer = GatedScorer(patience=0.2)
+    with_lanes = MCTSGenerator(backend, _config(**config, pipeline_lanes=2), problems, ppm=scorer).generate()
+    assert backend.during_scoring >= 1
+    scorer = SlowScorer()
     backend = WatchedReplay(script, scorer)
-    one = MCTSGenerator(backend, _config(num_rollouts=2, num_candidates=3, problems_in_flight=4), problems, ppm=scorer)
+    one = MCTSGenerator(backend, _config(**config), problems, ppm=scorer)  # one wave at a time
     assert one.generate().to_dict() == with_lanes.to_dict()
-    assert scorer.overlaps == 0 and backend.during_scoring == 0
+    assert backend.during_scoring == 0
 
 
 def test_a_failing_lane_stops_every_lane_and_keeps_the_finished_trees(tmp_path):
-    problems = _mixed_problems(["5", "7", "7", "5", "5", "5"])
+    problems = _mixed_problems(["5", "7"] * 5)
     config = dict(num_rollouts=2, num_candidates=1, problems_in_flight=2, pipeline_lanes=2, shard_size=1)
-    crashing = SeededReplay(script, crash_at_seed=_root_seed(0, 0, 4))
+    crashing = WatchedReplay(script, crash_at_seed=_root_seed(0, 0, 3))
     with pytest.raises(RuntimeError, match="went away"):
         MCTSGenerator(crashing, _config(**config, output_dir=str(tmp_path)), problems).generate()
+    # The other lane ends the wave it is in (a step call and an answer call at most) and stops: the 5 problems
+    # still queued are left for the next run.
+    assert crashing.after_crash <= 2
     saved = {row["index"] for row in _shard_rows(tmp_path)}
-    assert saved and 4 not in saved
-    generator = MCTSGenerator(SeededReplay(script), _config(**config, output_dir=str(tmp_path)), problems)
+    assert saved and 3 not in saved and len(saved) <= 4
+    generator = MCTSGenerator(WatchedReplay(script), _config(**config, output_dir=str(tmp_path)), problems)
     trees = generator.generate()
     reference = MCTSGenerator(SeededReplay(script), _config(**config), problems).generate()
     assert trees.to_dict() == reference.to_dict() and generator.stats["problems_resumed"] == len(saved)

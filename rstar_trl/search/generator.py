@@ -112,7 +112,8 @@ class MCTSConfig:
             turns with the generation engine: while one lane's candidates are executed, graded and scored, another
             lane generates, so the engine does not wait for those stages. 1: one wave of all trees at a time. The
             trees are the same for any number of lanes (every seed is per tree) as long as a sequence's samples do
-            not depend on its batch neighbours; see docs/method.md.
+            not depend on its batch neighbours; see docs/method.md. With lanes, answers are graded in the lanes'
+            threads, where `rstar_trl.grading`'s time limit is a watchdog rather than a signal.
 
     > Parameters that control generation
 
@@ -196,7 +197,8 @@ class MCTSConfig:
         default=1,
         metadata={"help": "Split the trees in flight into this many lanes that take turns with the generation engine: "
                   "while one lane's candidates are executed, graded and scored, another lane generates. 1: one wave "
-                  "of all trees at a time. The trees do not depend on it (seeds are per tree)."},
+                  "of all trees at a time. Seeds are per tree, so the trees do not depend on it as long as a "
+                  "sequence's results do not depend on its batch neighbours (docs/method.md)."},
     )  # fmt: skip
     backend: str = field(
         default="transformers",
@@ -354,6 +356,17 @@ class _Run:
         self.in_flight = [0] * lanes  # per lane
         self.lock = threading.Lock()
         self.stop = threading.Event()
+
+
+def _join(pool: ThreadPoolExecutor) -> None:
+    """Wait for the lanes to end their current wave, even through more Ctrl-C's: the shards are written and the
+    sandbox closed only once no lane is left to touch them."""
+    while True:
+        try:
+            pool.shutdown(wait=True)
+            return
+        except KeyboardInterrupt:
+            logger.warning("MCTS: waiting for the lanes to end their current wave; then the finished trees are saved")
 
 
 def _lock_unless(unneeded: bool):
@@ -578,14 +591,15 @@ class MCTSGenerator(Closeable):
             if lanes == 1:
                 waves = self._lane(0, sizes[0], run, executor, lane_counts[0], lane_timers[0])
             else:
-                with ThreadPoolExecutor(lanes, thread_name_prefix="mcts-lane") as pool:
-                    futures = [pool.submit(self._lane, lane, size, run, executor, lane_counts[lane], lane_timers[lane])
-                               for lane, size in enumerate(sizes)]  # fmt: skip
-                    try:
-                        wait(futures, return_when=FIRST_EXCEPTION)
-                    finally:
-                        run.stop.set()  # a lane failed, or Ctrl-C: the others stop after their current wave
-                    waves = sum(future.result() for future in futures)  # re-raises a lane's error
+                pool = ThreadPoolExecutor(lanes, thread_name_prefix="mcts-lane")
+                futures = [pool.submit(self._stopping_lane, lane, size, run, executor, lane_counts[lane],
+                                       lane_timers[lane]) for lane, size in enumerate(sizes)]  # fmt: skip
+                try:
+                    wait(futures, return_when=FIRST_EXCEPTION)
+                finally:
+                    run.stop.set()  # a lane failed, or Ctrl-C: the others stop after their current wave
+                    _join(pool)
+                waves = sum(future.result() for future in futures)  # re-raises a lane's error
         finally:
             progress.close()
             executor.close()
@@ -604,6 +618,14 @@ class MCTSGenerator(Closeable):
         if missing:
             raise RuntimeError(f"no search result for problem(s) {missing[:10]} (of {len(missing)} missing)")
         return self._to_dataset([rows[i] for i in range(len(self.dataset))])
+
+    def _stopping_lane(self, *args) -> int:
+        """`_lane` in a thread of its own: an error in it stops the other lanes after their current wave."""
+        try:
+            return self._lane(*args)
+        except BaseException:
+            args[2].stop.set()
+            raise
 
     def _lane(self, lane: int, slots: int, run: _Run, executor: PythonExecutor, counts: Counter,
               timers: Counter) -> int:  # fmt: skip

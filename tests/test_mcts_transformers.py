@@ -219,6 +219,22 @@ def test_our_decoding_loop_samples_what_generate_samples(policy, problems, tempe
     assert backend.compactions > 0
 
 
+def test_samples_that_agree_share_one_batch_row(policy, problems):
+    from rstar_trl.search import TransformersBackend
+
+    backend = TransformersBackend(policy, device="cpu", batch_size=16, torch_threads=1, prefix_cache_mb=0)
+    prompts = [MCTSConfig().template.replace("{question}", p) for p in problems["problem"][:6]]
+    greedy = backend.generate(prompts, 4, STEP_STOP_STRINGS, 40, 0.0, seed=0)
+    assert all(len({c.text for c in row}) == 1 for row in greedy)
+    # Greedy samples never part: one row per prompt decodes all four (rows that stopped linger until compaction).
+    assert backend.sampled_tokens == sum(c.num_tokens for row in greedy for c in row)
+    assert backend.decoded_tokens * 4 <= backend.sampled_tokens * 1.5
+    backend.decoded_tokens = backend.sampled_tokens = 0
+    sampled = backend.generate(prompts, 4, STEP_STOP_STRINGS, 40, 0.8, 0.95, seed=0)
+    assert any(len({c.text for c in row}) > 1 for row in sampled)  # samples part...
+    assert backend.decoded_tokens < backend.sampled_tokens  # ...after sharing their first tokens
+
+
 def test_the_roomy_cache_layer_grows_and_drops_rows_like_a_dynamic_one():
     import torch
     from transformers.cache_utils import DynamicLayer
@@ -238,6 +254,14 @@ def test_the_roomy_cache_layer_grows_and_drops_rows_like_a_dynamic_one():
     keys, values = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
     got, want = roomy.update(keys, values), plain.update(keys, values)
     assert got[0].shape == (2, 2, 13, 8) and all(torch.equal(a, b) for a, b in zip(got, want))
+    # Rows appended as copies of others (past the rows first allocated): a dynamic layer selecting them again.
+    for sources in (torch.tensor([1, 1, 0]), torch.tensor([4, 2, 0, 3])):
+        roomy.append_rows(sources)
+        plain.batch_select_indices(torch.cat([torch.arange(plain.keys.shape[0]), sources]))
+        keys, values = torch.randn(plain.keys.shape[0], 2, 1, 8), torch.randn(plain.keys.shape[0], 2, 1, 8)
+        got, want = roomy.update(keys, values), plain.update(keys, values)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[0].shape == (9, 2, 15, 8)
 
 
 def test_a_batch_mixing_cached_and_new_prompts_is_as_wide_as_its_longest_row(policy, problems):

@@ -186,6 +186,9 @@ class TransformersBackend(GenerationBackend):
         # `_decode` drops finished rows from the batch once fewer than this share of its rows are still running.
         self.compact_below = 0.75
         self.compactions = 0
+        # Tokens `_decode` computed (batch rows x steps) and the samples' tokens they gave: a prompt's samples
+        # share a row while they agree, so the first can be the smaller.
+        self.decoded_tokens = self.sampled_tokens = 0
 
     @property
     def max_context(self) -> int | None:
@@ -316,27 +319,37 @@ class TransformersBackend(GenerationBackend):
         over the positions written so far, neither re-copying the cache (a plain dynamic cache) nor attending over
         the unwritten budget (a static one). transformers' continuous batching (`generate_batch`) would also drop
         finished rows, but it samples from one global generator, not per row.
+
+        A prompt's samples also share one batch row for as long as they have drawn the same tokens: the row's logits
+        are computed once, each sample adds its own Gumbel noise, and a row whose samples draw different tokens is
+        copied (`_RoomyLayer.append_rows`) for each new continuation. Candidates that end up identical (a search's
+        duplicate siblings) or share their first tokens then cost one row, not one each. `decoded_tokens` /
+        `sampled_tokens` counts what this saves.
         """
         pad = self.tokenizer.pad_token_id
         input_ids, attention_mask, prefix = encode_with_prefix_cache(
             self.model, ids, pad, self.device, self.prefix_cache, hold_back=1
         )
+        # Batch rows are distinct token sequences, not samples: a prompt's n samples share one row (one forward
+        # pass) for as long as they have drawn the same tokens, and a row is copied only when its samples part.
+        # Every sample still draws its own Gumbel noise (its key) over its row's logits: the same samples.
         cache = DynamicCache()
         cache.layers = []
         for layer in prefix.layers:
-            roomy = _RoomyLayer(room=max_new_tokens)
-            roomy.update(layer.keys.repeat_interleave(n, dim=0), layer.values.repeat_interleave(n, dim=0))
+            roomy = _RoomyLayer(room=max_new_tokens, row_room=len(ids) * n)
+            roomy.update(layer.keys, layer.values)
             cache.layers.append(roomy)
-        mask = attention_mask.repeat_interleave(n, dim=0)  # (rows, width + 1): padding, prompt, last prompt token
-        token = input_ids[:, -1:].repeat_interleave(n, dim=0)
+        mask = attention_mask  # (rows, width + 1): padding, prompt, last prompt token
+        token = input_ids[:, -1:]
         position = mask.sum(-1, keepdim=True) - 1
-        rows = mask.shape[0]
+        samples = len(ids) * n
         keys = torch.tensor([mix_seed(s, j) >> 1 for s in seeds for j in range(n)], device=self.device)
-        running = torch.arange(rows, device=self.device)  # the original row of each batch row
-        finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        row_of = torch.arange(len(ids), device=self.device).repeat_interleave(n)  # each sample's batch row
+        finished = torch.zeros(samples, dtype=torch.bool, device=self.device)
         eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
         top = TopPLogitsWarper(top_p) if temperature > 0 and top_p < 1.0 else None
-        generated: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (original rows, their tokens)
+        sharing = n > 1  # whether some row holds more than one sample
+        generated: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (samples, their tokens)
         for step in range(max_new_tokens):
             out = self.model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
                              use_cache=True)  # fmt: skip
@@ -346,25 +359,63 @@ class TransformersBackend(GenerationBackend):
                     scores = scores / temperature
                 if top is not None:
                     scores = top(None, scores)
-                scores = scores + _gumbel(keys, step, scores.shape[-1]).to(scores.dtype)
+            live = (~finished).nonzero().squeeze(1)
+            scores = scores[row_of[live]]
+            if temperature > 0:
+                scores = scores + _gumbel(keys[live], step, scores.shape[-1]).to(scores.dtype)
             chosen = scores.argmax(-1)
-            live = ~finished
-            generated.append((running[live], chosen[live]))
-            finished = finished | torch.isin(chosen, eos)
-            alive = int((~finished).sum())
-            if alive == 0:
+            generated.append((live, chosen))
+            self.decoded_tokens += mask.shape[0]
+            self.sampled_tokens += len(live)
+            ended = torch.isin(chosen, eos)
+            finished[live[ended]] = True
+            going, chosen = live[~ended], chosen[~ended]
+            if len(going) == 0:
                 break
-            if alive < self.compact_below * len(finished):
-                keep = (~finished).nonzero().squeeze(1)
-                for layer in cache.layers:
-                    layer.batch_select_indices(keep)
-                running, keys, mask, position, chosen = (t[keep] for t in (running, keys, mask, position, chosen))
-                finished = finished[keep]
-                self.compactions += 1
+            if not sharing:  # one sample per row: each row takes its sample's token
+                rows = row_of[going]
+                if len(going) < self.compact_below * mask.shape[0]:  # many rows have stopped: drop them
+                    for layer in cache.layers:
+                        layer.batch_select_indices(rows)
+                    mask, position = mask[rows], position[rows]
+                    row_of[going] = torch.arange(len(going), device=self.device)
+                    token = chosen[:, None]
+                    self.compactions += 1
+                else:
+                    token = token.clone()
+                    token[rows, 0] = chosen
+            else:
+                vocab = out.logits.shape[-1]
+                groups, group_of = torch.unique(row_of[going] * vocab + chosen, return_inverse=True)
+                parents = torch.div(groups, vocab, rounding_mode="floor")  # sorted: a row's continuations adjoin
+                group_tokens = groups - parents * vocab
+                first = torch.ones_like(parents, dtype=torch.bool)  # a row's first continuation stays in the row
+                first[1:] = parents[1:] != parents[:-1]
+                extra = (~first).nonzero().squeeze(1)  # the others are new rows, copies of it
+                sharing = len(groups) < len(going)  # some row still holds samples that agree so far
+                if len(groups) < self.compact_below * (mask.shape[0] + len(extra)):
+                    # Rows whose samples have all stopped are many: new rows, one per continuation (a full copy).
+                    for layer in cache.layers:
+                        layer.batch_select_indices(parents)
+                    mask, position = mask[parents], position[parents]
+                    row_of[going] = group_of
+                    token = group_tokens[:, None]
+                    self.compactions += 1
+                else:
+                    new_row = parents.clone()
+                    new_row[extra] = mask.shape[0] + torch.arange(len(extra), device=self.device)
+                    if len(extra):
+                        for layer in cache.layers:
+                            layer.append_rows(parents[extra])
+                        mask = torch.cat([mask, mask[parents[extra]]])
+                        position = torch.cat([position, position[parents[extra]]])
+                        token = torch.cat([token, token[parents[extra]]])
+                    token = token.clone()
+                    token[new_row, 0] = group_tokens
+                    row_of[going] = new_row[group_of]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             position = position + 1
-            token = chosen[:, None]
-        tokens: list[list[int]] = [[] for _ in range(rows)]
+        tokens: list[list[int]] = [[] for _ in range(samples)]
         for where, chosen in generated:
             for row, tok in zip(where.tolist(), chosen.tolist()):
                 tokens[row].append(tok)
@@ -544,31 +595,65 @@ def _gumbel(keys: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
 class _RoomyLayer(DynamicLayer):
     """A dynamic cache layer that writes into preallocated room (`room` more positions whenever it runs out), so a
     new token neither copies the whole cache (`DynamicLayer` concatenates) nor is attended over unwritten positions
-    (`StaticLayer` attends over its full length). `keys` and `values` are views of the positions written so far."""
+    (`StaticLayer` attends over its full length). Rows can be added as copies of others (`append_rows`), into room
+    kept for them too. `keys` and `values` are views of the rows in use and the positions written so far."""
 
-    def __init__(self, room: int):
+    def __init__(self, room: int, row_room: int = 0):
         super().__init__()
         self.room = max(1, room)
+        self.row_room = row_room  # rows to allocate at first: appended rows then need no new allocation
         self.length = 0
+        self.rows = 0
         self._keys = self._values = None
+
+    def _grow(self, rows: int, positions: int) -> None:
+        """Room for at least `rows` rows and `positions` positions (with more to spare), keeping what is written."""
+        shape = self._keys.shape
+        if rows <= shape[0] and positions <= shape[2]:
+            return
+        rows = rows if rows <= shape[0] else rows + rows // 2
+        positions = positions if positions <= shape[2] else positions + self.room
+        keys = self._keys.new_empty((rows, shape[1], positions, shape[3]))
+        values = self._values.new_empty((rows, shape[1], positions, self._values.shape[3]))
+        keys[: self.rows, :, : self.length] = self._keys[: self.rows, :, : self.length]
+        values[: self.rows, :, : self.length] = self._values[: self.rows, :, : self.length]
+        self._keys, self._values = keys, values
+
+    def _views(self) -> None:
+        self.keys = self._keys[: self.rows, :, : self.length]
+        self.values = self._values[: self.rows, :, : self.length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if self._keys is None or end > self._keys.shape[-2]:
-            keys = key_states.new_empty((*key_states.shape[:2], end + self.room, key_states.shape[-1]))
-            values = value_states.new_empty((*value_states.shape[:2], end + self.room, value_states.shape[-1]))
-            if self.length:
-                keys[:, :, : self.length] = self.keys
-                values[:, :, : self.length] = self.values
-            self._keys, self._values = keys, values
-        self._keys[:, :, self.length : end] = key_states
-        self._values[:, :, self.length : end] = value_states
+        if self._keys is None:
+            rows = max(key_states.shape[0], self.row_room)
+            self._keys = key_states.new_empty((rows, key_states.shape[1], end + self.room, key_states.shape[-1]))
+            self._values = value_states.new_empty((rows, value_states.shape[1], end + self.room,
+                                                   value_states.shape[-1]))  # fmt: skip
+            self.rows = key_states.shape[0]
+        self._grow(self.rows, end)
+        self._keys[: self.rows, :, self.length : end] = key_states
+        self._values[: self.rows, :, self.length : end] = value_states
         self.length = end
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        self._views()
         return self.keys, self.values
 
+    def append_rows(self, sources: torch.Tensor) -> None:
+        """Add rows at the end, copies of rows `sources` (only those rows are copied)."""
+        start = self.rows
+        self._grow(start + len(sources), self.length)
+        self._keys[start : start + len(sources), :, : self.length] = self._keys[sources, :, : self.length]
+        self._values[start : start + len(sources), :, : self.length] = self._values[sources, :, : self.length]
+        self.rows = start + len(sources)
+        self._views()
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._keys, self._values = self._keys[indices], self._values[indices]
-        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+        """Keep rows `indices`, in that order (into the room already allocated: rows can be appended again)."""
+        keys, values = self._keys.new_empty(self._keys.shape), self._values.new_empty(self._values.shape)
+        keys[: len(indices), :, : self.length] = self._keys[indices, :, : self.length]
+        values[: len(indices), :, : self.length] = self._values[indices, :, : self.length]
+        self._keys, self._values = keys, values
+        self.rows = len(indices)
+        self._views()

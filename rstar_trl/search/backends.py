@@ -330,10 +330,7 @@ class TransformersBackend(GenerationBackend):
         input_ids, attention_mask, prefix = encode_with_prefix_cache(
             self.model, ids, pad, self.device, self.prefix_cache, hold_back=1
         )
-        # Batch rows are distinct token sequences, not samples: a prompt's n samples share one row (one forward
-        # pass) for as long as they have drawn the same tokens, and a row is copied only when its samples part.
-        # Every sample still draws its own Gumbel noise (its key) over its row's logits: the same samples.
-        cache = DynamicCache()
+        cache = DynamicCache()  # its rows are distinct token sequences, not samples (see above)
         cache.layers = []
         for layer in prefix.layers:
             roomy = _RoomyLayer(room=max_new_tokens, row_room=len(ids) * n)

@@ -619,12 +619,12 @@ class MCTSGenerator(Closeable):
             raise RuntimeError(f"no search result for problem(s) {missing[:10]} (of {len(missing)} missing)")
         return self._to_dataset([rows[i] for i in range(len(self.dataset))])
 
-    def _stopping_lane(self, *args) -> int:
+    def _stopping_lane(self, lane: int, slots: int, run: _Run, *rest) -> int:
         """`_lane` in a thread of its own: an error in it stops the other lanes after their current wave."""
         try:
-            return self._lane(*args)
+            return self._lane(lane, slots, run, *rest)
         except BaseException:
-            args[2].stop.set()
+            run.stop.set()
             raise
 
     def _lane(self, lane: int, slots: int, run: _Run, executor: PythonExecutor, counts: Counter,

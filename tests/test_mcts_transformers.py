@@ -262,6 +262,13 @@ def test_the_roomy_cache_layer_grows_and_drops_rows_like_a_dynamic_one():
         got, want = roomy.update(keys, values), plain.update(keys, values)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert got[0].shape == (9, 2, 15, 8)
+    # Rows kept out of order (a compaction after appended rows): gathered before the buffer is overwritten.
+    rows = torch.tensor([8, 3, 0, 5])
+    roomy.batch_select_indices(rows)
+    plain.batch_select_indices(rows)
+    keys, values = torch.randn(4, 2, 1, 8), torch.randn(4, 2, 1, 8)
+    got, want = roomy.update(keys, values), plain.update(keys, values)
+    assert got[0].shape == (4, 2, 16, 8) and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_a_batch_mixing_cached_and_new_prompts_is_as_wide_as_its_longest_row(policy, problems):

@@ -647,10 +647,9 @@ class _RoomyLayer(DynamicLayer):
         self._views()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep rows `indices`, in that order (into the room already allocated: rows can be appended again)."""
-        keys, values = self._keys.new_empty(self._keys.shape), self._values.new_empty(self._values.shape)
-        keys[: len(indices), :, : self.length] = self._keys[indices, :, : self.length]
-        values[: len(indices), :, : self.length] = self._values[indices, :, : self.length]
-        self._keys, self._values = keys, values
+        """Keep rows `indices`, in that order, in the same buffers (rows can be appended again). The rows kept are
+        gathered first, then written back: a fresh buffer per compaction cost 3x as much (its pages are new)."""
+        for buffer in (self._keys, self._values):
+            buffer[: len(indices), :, : self.length] = torch.index_select(buffer[:, :, : self.length], 0, indices)
         self.rows = len(indices)
         self._views()

@@ -117,14 +117,17 @@ class Decoded:
 
     def __init__(self, backend):
         self.backend = backend
-        self.fraction()
+        self.last = self._counts()
+
+    def _counts(self) -> tuple[int, int]:
+        return getattr(self.backend, "decoded_tokens", 0), getattr(self.backend, "sampled_tokens", 0)
 
     def fraction(self) -> float | None:
         if not hasattr(self.backend, "decoded_tokens"):
             return None
-        now = (self.backend.decoded_tokens, self.backend.sampled_tokens)
-        last, self.last = getattr(self, "last", (0, 0)), now
-        return round((now[0] - last[0]) / max(1, now[1] - last[1]), 3)
+        (decoded, sampled), (last_decoded, last_sampled) = self._counts(), self.last
+        self.last = (decoded, sampled)
+        return round((decoded - last_decoded) / max(1, sampled - last_sampled), 3)
 
 
 def timed(backend: GenerationBackend, calls: list[dict]) -> tuple[int, float]:

@@ -6,7 +6,7 @@
     .venv/bin/python bench/mcts_throughput.py --backend server --server_url http://127.0.0.1:8000 --lanes 4
         # a `vllm serve` of the policy started beforehand (the tiny policy: bench/.cache/tiny_policy)
 
-Two baselines, both with the same backend (and, for transformers, the same --batch and --torch_threads), measured
+Three baselines, all with the same backend (and, for transformers, the same --batch and --torch_threads), measured
 after the search:
 
 - "ratio" (the headline): best-of-N sampling of whole solutions from the problem prompts, what a user compares the
@@ -119,11 +119,13 @@ class Decoded:
         self.backend = backend
         self.last = self._counts()
 
-    def _counts(self) -> tuple[int, int]:
-        return getattr(self.backend, "decoded_tokens", 0), getattr(self.backend, "sampled_tokens", 0)
+    def _counts(self) -> tuple[int, int] | None:
+        if not hasattr(self.backend, "decoded_tokens"):
+            return None
+        return self.backend.decoded_tokens, self.backend.sampled_tokens
 
     def fraction(self) -> float | None:
-        if not hasattr(self.backend, "decoded_tokens"):
+        if self.last is None:
             return None
         (decoded, sampled), (last_decoded, last_sampled) = self._counts(), self.last
         self.last = (decoded, sampled)

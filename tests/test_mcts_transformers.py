@@ -239,7 +239,7 @@ def test_the_roomy_cache_layer_grows_and_drops_rows_like_a_dynamic_one():
     import torch
     from transformers.cache_utils import DynamicLayer
 
-    from rstar_trl.search.backends import _RoomyLayer
+    from rstar_trl.search.decoding import _RoomyLayer
 
     roomy, plain = _RoomyLayer(room=2), DynamicLayer()
     for length in (5, 1, 1, 1, 3, 1):  # runs out of room three times

@@ -10,6 +10,7 @@ or resumed after an interruption (`MCTSGenerator` derives each expansion's seed 
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,8 +28,7 @@ from transformers import (
 from transformers.cache_utils import DynamicLayer
 
 from ..closing import Closeable
-
-_MASK64 = (1 << 64) - 1
+from .decoding import _MASK64, ContinuousDecoder, DecodeRequest, _gumbel
 
 
 def _splitmix64(x: int) -> int:
@@ -176,19 +176,38 @@ class TransformersBackend(GenerationBackend):
             if self.tokenizer.eos_token_id is None:
                 raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.batch_size = batch_size
         self._plain = _plain_cache(self.model)  # a full-attention KV cache, which this backend can manage itself
         self.prefix_cache = None
         if prefix_cache_mb > 0 and self._plain:
             self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
-        # Our own decoding loop (`_decode`) where it applies; False: always transformers' `generate` (same samples).
+        # Our own decoding loop (`ContinuousDecoder`) where it applies; False: always transformers' `generate` (same
+        # samples). Calls from several threads (pipeline lanes) then share its running batch: one thread at a time
+        # drives it, the others wait for their samples (or take over when the driver's own call is done).
         self.own_decoding = True
-        # `_decode` drops finished rows from the batch once fewer than this share of its rows are still running.
-        self.compact_below = 0.75
-        self.compactions = 0
-        # Tokens `_decode` computed (batch rows x steps) and the samples' tokens they gave: a prompt's samples
-        # share a row while they agree, so the first can be the smaller.
-        self.decoded_tokens = self.sampled_tokens = 0
+        self.decoder = ContinuousDecoder(self.model, self._encode_prompts, max_samples=batch_size)
+        self.batch_size = batch_size
+        self._turns = threading.Condition()
+        self._driving = False
+        self._tokenizing = threading.Lock()  # a fast tokenizer must not be used by two threads at once
+
+    def _encode_prompts(self, ids):
+        return encode_with_prefix_cache(self.model, ids, self.tokenizer.pad_token_id, self.device, self.prefix_cache,
+                                        hold_back=1)  # fmt: skip
+
+    @property
+    def concurrent_calls(self) -> bool:  # noqa: D102 (see GenerationBackend)
+        return self.own_decoding and self._plain
+
+    # The decoder's knobs and counters, read and set on the backend.
+    batch_size = property(lambda self: self.decoder.max_samples,
+                          lambda self, value: setattr(self.decoder, "max_samples", value))  # fmt: skip
+    compact_below = property(lambda self: self.decoder.compact_below,
+                             lambda self, value: setattr(self.decoder, "compact_below", value))  # fmt: skip
+    compactions = property(lambda self: self.decoder.compactions)
+    decoded_tokens = property(lambda self: self.decoder.decoded_tokens,
+                              lambda self, value: setattr(self.decoder, "decoded_tokens", value))  # fmt: skip
+    sampled_tokens = property(lambda self: self.decoder.sampled_tokens,
+                              lambda self, value: setattr(self.decoder, "sampled_tokens", value))  # fmt: skip
 
     @property
     def max_context(self) -> int | None:
@@ -206,7 +225,8 @@ class TransformersBackend(GenerationBackend):
     def generate(self, prompts, n, stop, max_new_tokens, temperature=1.0, top_p=1.0, seed=0):
         prompts = list(prompts)
         seeds = prompt_seeds(seed, len(prompts))
-        encoded = self.tokenizer(prompts, add_special_tokens=False).input_ids
+        with self._tokenizing:
+            encoded = self.tokenizer(prompts, add_special_tokens=False).input_ids
         results: list[list[Completion]] = [[] for _ in prompts]
         stop_ids, rest = split_stop_tokens(self.tokenizer, stop)
         stop_ids = None if rest else stop_ids  # single-token markers only: else transformers matches the strings
@@ -220,20 +240,68 @@ class TransformersBackend(GenerationBackend):
             results[i] = [Completion("", 0, "prompt_too_long")] * n
         # Whole prompts per batch (their n samples share one prefill), sorted by length for little padding.
         order = sorted((i for i in range(len(prompts)) if i not in too_long), key=lambda i: (len(encoded[i]), i))
+        if not order:
+            return results
+        if self.own_decoding and self._plain and stop_ids is not None and max(len(encoded[i]) for i in order) > 1:
+            keys = [[mix_seed(seeds[i], j) >> 1 for j in range(n)] for i in order]
+            request = DecodeRequest([encoded[i] for i in order], keys, n, eos_ids, max_new_tokens, temperature, top_p)
+            self._decode(request)
+            with self._tokenizing:
+                for i, tokens in zip(order, request.tokens):
+                    results[i] = self._completions(tokens, stop, stop_ids, eos_ids)
+            return results
         per_batch = max(1, self.batch_size // n)
-        for start in range(0, len(order), per_batch):
-            batch = order[start : start + per_batch]
-            completions = self._generate_batch(
-                [encoded[i] for i in batch], [seeds[i] for i in batch], n, stop, stop_ids, eos_ids, max_new_tokens,
-                temperature, top_p,
-            )  # fmt: skip
-            for k, i in enumerate(batch):
-                results[i] = completions[k * n : (k + 1) * n]
+        with self._turns:  # `generate`'s path: alone with the model
+            while self._driving:
+                self._turns.wait()
+            self._driving = True
+        try:
+            for start in range(0, len(order), per_batch):
+                batch = order[start : start + per_batch]
+                completions = self._generate_batch(
+                    [encoded[i] for i in batch], [seeds[i] for i in batch], n, stop, stop_ids, eos_ids,
+                    max_new_tokens, temperature, top_p,
+                )  # fmt: skip
+                for k, i in enumerate(batch):
+                    results[i] = completions[k * n : (k + 1) * n]
+        finally:
+            with self._turns:
+                self._driving = False
+                self._turns.notify_all()
         return results
 
+    def _decode(self, request: DecodeRequest) -> None:
+        """Have `request` decoded in the shared running batch: drive the batch while the request is unfinished and
+        no other thread drives it; otherwise wait (for the samples, or for the driver to leave)."""
+        decoder = self.decoder
+        with self._turns:
+            decoder.submit(request)
+            while not request.done and self._driving:
+                self._turns.wait()
+            if request.done:
+                if request.error is not None:
+                    raise request.error
+                return
+            self._driving = True
+        try:
+            while not request.done:
+                with self._turns:  # other threads submit while this one decodes
+                    decoder.admit()
+                if decoder.step():
+                    with self._turns:
+                        self._turns.notify_all()
+        except BaseException as exc:
+            with self._turns:
+                decoder.fail(exc)
+            raise
+        finally:
+            with self._turns:
+                self._driving = False
+                self._turns.notify_all()
+        if request.error is not None:
+            raise request.error
+
     def _generate_batch(self, ids, seeds, n, stop, stop_ids, eos_ids, max_new_tokens, temperature, top_p):
-        if self.own_decoding and self._plain and stop_ids is not None and max(len(x) for x in ids) > 1:
-            return self._decode(ids, seeds, n, stop, stop_ids, eos_ids, max_new_tokens, temperature, top_p)
         pad = self.tokenizer.pad_token_id
         kwargs = {}
         if stop_ids is None:  # multi-token markers: let transformers match the strings
@@ -307,116 +375,6 @@ class TransformersBackend(GenerationBackend):
             reason = "stop" if stopped else ("eos" if ended_by_eos else "length")
             completions.append(Completion(text, len(tokens), reason))
         return completions
-
-    def _decode(self, ids, seeds, n, stop, stop_ids, eos_ids, max_new_tokens, temperature, top_p):
-        """Sample `n` continuations of each prompt in `ids`: the samples `generate` gives with `RowSeededSampler`
-        (the same tokens), faster on the short, ragged calls of a search.
-
-        Written by hand because `generate` keeps every row in the batch until the last one stops: a search's steps
-        differ in length, and a third of the rows of its calls were finished padding on the tiny policy. Here the
-        finished rows leave the batch (their keys and values are dropped) once fewer than `compact_below` of the
-        rows are still running, and the cache grows into preallocated room (`_RoomyLayer`), so each token attends
-        over the positions written so far, neither re-copying the cache (a plain dynamic cache) nor attending over
-        the unwritten budget (a static one). transformers' continuous batching (`generate_batch`) would also drop
-        finished rows, but it samples from one global generator, not per row.
-
-        A prompt's samples also share one batch row for as long as they have drawn the same tokens: the row's logits
-        are computed once, each sample adds its own Gumbel noise, and a row whose samples draw different tokens is
-        copied (`_RoomyLayer.append_rows`) for each new continuation. Candidates that end up identical (a search's
-        duplicate siblings) or share their first tokens then cost one row, not one each. `decoded_tokens` /
-        `sampled_tokens` counts what this saves.
-        """
-        pad = self.tokenizer.pad_token_id
-        input_ids, attention_mask, prefix = encode_with_prefix_cache(
-            self.model, ids, pad, self.device, self.prefix_cache, hold_back=1
-        )
-        cache = DynamicCache()  # its rows are distinct token sequences, not samples (see above)
-        cache.layers = []
-        for layer in prefix.layers:
-            roomy = _RoomyLayer(room=max_new_tokens, row_room=len(ids) * n)
-            roomy.update(layer.keys, layer.values)
-            cache.layers.append(roomy)
-        mask = attention_mask  # (rows, width + 1): padding, prompt, last prompt token
-        token = input_ids[:, -1:]
-        position = mask.sum(-1, keepdim=True) - 1
-        samples = len(ids) * n
-        keys = torch.tensor([mix_seed(s, j) >> 1 for s in seeds for j in range(n)], device=self.device)
-        row_of = torch.arange(len(ids), device=self.device).repeat_interleave(n)  # each sample's batch row
-        finished = torch.zeros(samples, dtype=torch.bool, device=self.device)
-        eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
-        top = TopPLogitsWarper(top_p) if temperature > 0 and top_p < 1.0 else None
-        sharing = n > 1  # whether some row holds more than one sample
-        generated: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (samples, their tokens)
-        for step in range(max_new_tokens):
-            out = self.model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
-                             use_cache=True)  # fmt: skip
-            scores = out.logits[:, -1, :].to(dtype=torch.float32)  # as `generate` does
-            if temperature > 0:  # the warpers and sampler `generate` gets in `_generate_batch`, in the same order
-                if temperature != 1.0:
-                    scores = scores / temperature
-                if top is not None:
-                    scores = top(None, scores)
-            live = (~finished).nonzero().squeeze(1)
-            scores = scores[row_of[live]]
-            if temperature > 0:
-                scores = scores + _gumbel(keys[live], step, scores.shape[-1]).to(scores.dtype)
-            chosen = scores.argmax(-1)
-            generated.append((live, chosen))
-            self.decoded_tokens += mask.shape[0]
-            self.sampled_tokens += len(live)
-            ended = torch.isin(chosen, eos)
-            finished[live[ended]] = True
-            going, chosen = live[~ended], chosen[~ended]
-            if len(going) == 0:
-                break
-            if not sharing:  # one sample per row: each row takes its sample's token
-                rows = row_of[going]
-                if len(going) < self.compact_below * mask.shape[0]:  # many rows have stopped: drop them
-                    for layer in cache.layers:
-                        layer.batch_select_indices(rows)
-                    mask, position = mask[rows], position[rows]
-                    row_of[going] = torch.arange(len(going), device=self.device)
-                    token = chosen[:, None]
-                    self.compactions += 1
-                else:
-                    token = token.clone()
-                    token[rows, 0] = chosen
-            else:
-                vocab = out.logits.shape[-1]
-                groups, group_of = torch.unique(row_of[going] * vocab + chosen, return_inverse=True)
-                parents = torch.div(groups, vocab, rounding_mode="floor")  # sorted: a row's continuations adjoin
-                group_tokens = groups - parents * vocab
-                first = torch.ones_like(parents, dtype=torch.bool)  # a row's first continuation stays in the row
-                first[1:] = parents[1:] != parents[:-1]
-                extra = (~first).nonzero().squeeze(1)  # the others are new rows, copies of it
-                sharing = len(groups) < len(going)  # some row still holds samples that agree so far
-                if len(groups) < self.compact_below * (mask.shape[0] + len(extra)):
-                    # Rows whose samples have all stopped are many: new rows, one per continuation (a full copy).
-                    for layer in cache.layers:
-                        layer.batch_select_indices(parents)
-                    mask, position = mask[parents], position[parents]
-                    row_of[going] = group_of
-                    token = group_tokens[:, None]
-                    self.compactions += 1
-                else:
-                    new_row = parents.clone()
-                    new_row[extra] = mask.shape[0] + torch.arange(len(extra), device=self.device)
-                    if len(extra):
-                        for layer in cache.layers:
-                            layer.append_rows(parents[extra])
-                        mask = torch.cat([mask, mask[parents[extra]]])
-                        position = torch.cat([position, position[parents[extra]]])
-                        token = torch.cat([token, token[parents[extra]]])
-                    token = token.clone()
-                    token[new_row, 0] = group_tokens
-                    row_of[going] = new_row[group_of]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            position = position + 1
-        tokens: list[list[int]] = [[] for _ in range(samples)]
-        for where, chosen in generated:
-            for row, tok in zip(where.tolist(), chosen.tolist()):
-                tokens[row].append(tok)
-        return self._completions(tokens, stop, stop_ids, eos_ids)
 
 
 @torch.inference_mode()
@@ -548,15 +506,6 @@ class PrefixCache:
         self.bytes = 0
 
 
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 tensors (torch's `>>` is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
 class RowSeededSampler(LogitsProcessor):
     """Sampling with a seed per batch row, by the Gumbel-max trick: argmax(logits + Gumbel noise) is a sample of
     softmax(logits). The noise of row r, step t, token v is a hash of (seed_r, t, v) (splitmix64), so a row's
@@ -575,81 +524,3 @@ class RowSeededSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_width
         return scores + _gumbel(self.keys.to(scores.device), step, scores.shape[-1]).to(scores.dtype)
-
-
-def _gumbel(keys: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
-    """Gumbel noise (rows, vocab) for new token `step` of the rows keyed by `keys` (float64)."""
-    vocab = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
-    x = keys[:, None] * _signed(0x9E3779B97F4A7C15) + vocab[None, :] * _signed(0xD1B54A32D192ED03)
-    x = x + _signed(step * 0xABC98388FB8FAC03 & _MASK64)  # int64 arithmetic wraps modulo 2**64
-    x = (x ^ _shift_right(x, 30)) * _signed(0xBF58476D1CE4E5B9)
-    x = (x ^ _shift_right(x, 27)) * _signed(0x94D049BB133111EB)
-    x = x ^ _shift_right(x, 31)
-    uniform = (_shift_right(x, 11).to(torch.float64) + 0.5) * 2.0**-53  # in (0, 1)
-    return -torch.log(-torch.log(uniform))
-
-
-class _RoomyLayer(DynamicLayer):
-    """A dynamic cache layer that writes into preallocated room (`room` more positions whenever it runs out), so a
-    new token neither copies the whole cache (`DynamicLayer` concatenates) nor is attended over unwritten positions
-    (`StaticLayer` attends over its full length). Rows can be added as copies of others (`append_rows`), into room
-    kept for them too. `keys` and `values` are views of the rows in use and the positions written so far."""
-
-    def __init__(self, room: int, row_room: int = 0):
-        super().__init__()
-        self.room = max(1, room)
-        self.row_room = row_room  # rows to allocate at first: appended rows then need no new allocation
-        self.length = 0
-        self.rows = 0
-        self._keys = self._values = None
-
-    def _grow(self, rows: int, positions: int) -> None:
-        """Room for at least `rows` rows and `positions` positions (with more to spare), keeping what is written."""
-        shape = self._keys.shape
-        if rows <= shape[0] and positions <= shape[2]:
-            return
-        rows = rows if rows <= shape[0] else rows + rows // 2
-        positions = positions if positions <= shape[2] else positions + self.room
-        keys = self._keys.new_empty((rows, shape[1], positions, shape[3]))
-        values = self._values.new_empty((rows, shape[1], positions, self._values.shape[3]))
-        keys[: self.rows, :, : self.length] = self._keys[: self.rows, :, : self.length]
-        values[: self.rows, :, : self.length] = self._values[: self.rows, :, : self.length]
-        self._keys, self._values = keys, values
-
-    def _views(self) -> None:
-        self.keys = self._keys[: self.rows, :, : self.length]
-        self.values = self._values[: self.rows, :, : self.length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if self._keys is None:
-            rows = max(key_states.shape[0], self.row_room)
-            self._keys = key_states.new_empty((rows, key_states.shape[1], end + self.room, key_states.shape[-1]))
-            self._values = value_states.new_empty((rows, value_states.shape[1], end + self.room,
-                                                   value_states.shape[-1]))  # fmt: skip
-            self.rows = key_states.shape[0]
-        self._grow(self.rows, end)
-        self._keys[: self.rows, :, self.length : end] = key_states
-        self._values[: self.rows, :, self.length : end] = value_states
-        self.length = end
-        self._views()
-        return self.keys, self.values
-
-    def append_rows(self, sources: torch.Tensor) -> None:
-        """Add rows at the end, copies of rows `sources` (only those rows are copied)."""
-        start = self.rows
-        self._grow(start + len(sources), self.length)
-        self._keys[start : start + len(sources), :, : self.length] = self._keys[sources, :, : self.length]
-        self._values[start : start + len(sources), :, : self.length] = self._values[sources, :, : self.length]
-        self.rows = start + len(sources)
-        self._views()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep rows `indices`, in that order, in the same buffers (rows can be appended again). The rows kept are
-        gathered first, then written back: a fresh buffer per compaction cost 3x as much (its pages are new)."""
-        for buffer in (self._keys, self._values):
-            buffer[: len(indices), :, : self.length] = torch.index_select(buffer[:, :, : self.length], 0, indices)
-        self.rows = len(indices)
-        self._views()

@@ -128,3 +128,21 @@ def test_the_roomy_cache_layer_pads_on_the_left_and_takes_rows_from_another_cach
     more = torch.randn(2, 2, 1, 8)
     got = roomy.update(more, more)
     assert torch.equal(got[0], torch.cat([new_keys[[1, 0]], more], dim=2))
+
+
+def test_two_lanes_sharing_the_running_batch_grow_the_trees_one_wave_grows(tiny_policy):
+    from rstar_trl import MCTSGenerator
+    from rstar_trl.tiny import to_dataset
+
+    problems = to_dataset([p for p in tiny_splits()["train"] if p["level"] == 1][:8])
+    config = dict(num_rollouts=3, num_candidates=4, max_step_tokens=48, executor_workers=1, seed=0, device="cpu",
+                  torch_threads=1, problems_in_flight=8, generation_batch_size=64)  # fmt: skip
+    one = MCTSGenerator(tiny_policy, MCTSConfig(**config), problems)
+    want = one.generate()
+    two = MCTSGenerator(tiny_policy, MCTSConfig(**config, pipeline_lanes=2), problems)
+    got = two.generate()
+    assert got["tree"] == want["tree"] and got["solved"] == want["solved"]
+    # The lanes' calls overlapped in the engine: prompts of one lane joined a batch another lane's call was in (one
+    # lane's calls, each smaller than the batch, come one after the other).
+    assert one.backend.decoder.joined_running == 0 and two.backend.decoder.joined_running > 0
+    assert two.stats["generation_fraction"] > 0

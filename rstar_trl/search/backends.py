@@ -131,18 +131,20 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 
 class TransformersBackend(GenerationBackend):
-    """Batched sampling with `transformers`' `generate` (left padding, stop strings).
+    """Batched sampling with a per-sample seed, in one running batch (`ContinuousDecoder`).
 
     When every stop string is a single token of the tokenizer (the step markers are, once added with
-    `add_step_tokens`), they are passed as end-of-sequence ids, which is much cheaper than string matching;
-    otherwise `generate(stop_strings=...)` is used.
+    `add_step_tokens`) and the model keeps a plain KV cache, calls are decoded by `ContinuousDecoder`: a running
+    batch that the prompts of every call join as room frees up, so calls from several threads (pipeline lanes) share
+    its decoding steps. Otherwise transformers' `generate` samples them (with `stop_strings=...` for markers of
+    several tokens), one call at a time. Both give the same samples.
 
     Args:
         model: a causal LM or a path/Hub id to load one from.
         tokenizer: its tokenizer (loaded from `model` when it is a path and this is None).
         device: "cpu", "cuda", ... (default: CUDA when available).
         dtype: "auto", "float32", "bfloat16" or "float16" when loading from a path.
-        batch_size: sequences (prompts x samples) per `generate` call.
+        batch_size: samples decoded at once (the running batch's size; with `generate`, per call).
         torch_threads: if set, `torch.set_num_threads` for CPU generation (process-wide). A tiny model generates
             over 50x faster with 1 thread than with 2 threads on 2 busy cores (OpenMP threads spin on each other).
         prefix_cache_mb: memory for the KV cache of prefixes already encoded (`PrefixCache`), 0 to turn it off.

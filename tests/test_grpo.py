@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from vllm_serve import memory_share
 
 from rstar_trl.format import STEP_MARKERS, format_prompt
 from rstar_trl.ppm import CompletionJudge, CorrectnessReward, PPMReward, TransformersPPMScorer
@@ -83,7 +84,7 @@ def test_ppm_reward_on_vllm_pooling_gives_the_transformers_rewards(judge, ppm_pa
     completions, questions = [GOOD, WRONG, CRASH], [QUESTION] * 3
     local = PPMReward(ppm_path, aggregation="mean", judge=judge, device="cpu")(completions=completions,
                                                                                problem=questions)  # fmt: skip
-    with PPMReward(ppm_path, aggregation="mean", backend="vllm", judge=judge, gpu_memory_utilization=0.1,
+    with PPMReward(ppm_path, aggregation="mean", backend="vllm", judge=judge, gpu_memory_utilization=memory_share(),
                    dtype="float32", max_model_len=1024) as reward:  # fmt: skip
         served = reward(completions=completions, problem=questions)
     assert served == pytest.approx(local, abs=1e-3) and served[2] == -1.0

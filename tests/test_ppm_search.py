@@ -9,6 +9,7 @@ import pytest
 from datasets import Dataset
 from tiny_ppm import train_tiny_ppm
 from transformers import AutoModelForSequenceClassification
+from vllm_serve import memory_share
 
 from rstar_trl import MCTSConfig, MCTSGenerator, SearchTree, format_prompt
 from rstar_trl.ppm import TransformersPPMScorer, VLLMPPMScorer
@@ -65,7 +66,7 @@ def test_transformers_and_vllm_scorers_agree(ppm_path, problems):
     partials = [""] * 6 + ["# Count them.\nx = 3 + 4\nprint(x)\n<end_of_code>\n"] * 6
     reference = TransformersPPMScorer(ppm_path, device="cpu", batch_size=4).score(questions, partials)
     engines_before = _engine_processes()
-    with VLLMPPMScorer(ppm_path, gpu_memory_utilization=0.1, dtype="float32", max_model_len=1024,
+    with VLLMPPMScorer(ppm_path, gpu_memory_utilization=memory_share(), dtype="float32", max_model_len=1024,
                        enable_prefix_caching=False) as scorer:  # fmt: skip
         assert len(_engine_processes()) > len(engines_before)
         values = scorer.score(questions, partials)

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, LlamaConfig, LlamaForSequenceClassification
 from transformers.utils import logging as hf_logging
 from trl import TrlParser
+from vllm_serve import memory_share
 
 from rstar_trl.format import STEP_END, format_prompt
 from rstar_trl.ppm import (
@@ -215,8 +216,8 @@ def test_vllm_scorer_reads_the_transform_from_the_checkpoint(tokenizer, tmp_path
     model.config.rstar_value_transform = {"scale": 5.0, "train_through_tanh": False}
     path = _save(model, tokenizer, tmp_path / "ppm")
     raw = _raw_scores(model, tokenizer, _texts())
-    with VLLMPPMScorer(path, gpu_memory_utilization=0.1, dtype="float32", max_model_len=512, enforce_eager=True,
-                       enable_prefix_caching=False) as scorer:  # fmt: skip
+    with VLLMPPMScorer(path, gpu_memory_utilization=memory_share(), dtype="float32", max_model_len=512,
+                       enforce_eager=True, enable_prefix_caching=False) as scorer:  # fmt: skip
         assert scorer.value_transform == ValueTransform(scale=5.0)
         values = scorer.score(QUESTIONS, PARTIALS)
     assert values == pytest.approx([math.tanh(r / 5.0) for r in raw], abs=1e-3)

@@ -45,6 +45,7 @@ def test_calls_from_several_threads_share_the_batch_and_sample_what_they_sample_
     want = [alone.generate(*call[:6], seed=call[6]) for call in _calls(prompts)]
 
     shared = _backend(tiny_policy, batch_size=256)
+    shared.decoder.max_join_padding = float("inf")  # join whenever there is room: the joining paths get exercised
     assert shared.concurrent_calls
     got: list = [None] * len(want)
     start = threading.Barrier(len(want))
@@ -68,11 +69,53 @@ def test_calls_from_several_threads_share_the_batch_and_sample_what_they_sample_
 
 def test_a_call_larger_than_the_batch_fills_its_tail_with_its_next_prompts(tiny_policy, prompts):
     small = _backend(tiny_policy, batch_size=16)  # 30 prompts x 2 samples: prompts join as others end
+    small.decoder.max_join_padding = float("inf")
     got = small.generate(prompts, 2, STEP_STOP_STRINGS, 40, 0.8, 0.95, seed=7)
     assert small.decoder.joined_running > 0
     alone = _backend(tiny_policy, batch_size=16)
     alone.own_decoding = False
     assert got == alone.generate(prompts, 2, STEP_STOP_STRINGS, 40, 0.8, 0.95, seed=7)
+
+
+def test_prompts_join_a_running_batch_only_when_that_adds_little_padding(tiny_policy, prompts):
+    from rstar_trl.search.backends import mix_seed
+    from rstar_trl.search.decoding import DecodeRequest
+
+    backend = _backend(tiny_policy, batch_size=64)
+    tokenizer, decoder = backend.tokenizer, backend.decoder
+    eos = [tokenizer.convert_tokens_to_ids(marker) for marker in STEP_STOP_STRINGS] + [tokenizer.eos_token_id]
+
+    def request(prompt, seed):  # keys as `generate` derives them from a prompt's seed
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        return DecodeRequest([ids], [[mix_seed(seed, j) >> 1 for j in range(2)]], 2, eos, 40, 0.8, 0.95)
+
+    questions = [p["problem"] for p in tiny_splits()["train"]][:6]
+    long = MCTSConfig().template.replace("{question}", " ".join(questions))  # several questions long
+    short = prompts[0]  # one question
+    near = long[: len(long) - 20]  # a little shorter than the batch: within max_join_padding of its own tokens
+    assert len(tokenizer(short).input_ids) * 2 < len(tokenizer(long).input_ids)
+    alone = _backend(tiny_policy, batch_size=64)
+    alone.own_decoding = False
+    for newcomer, joins in ((short, False), (near, True)):
+        with torch.inference_mode():  # as `generate` runs the decoder
+            first = request(long, 1)
+            decoder.submit(first)
+            decoder.admit()
+            for _ in range(3):
+                decoder.step()
+            second = request(newcomer, 3)
+            decoder.submit(second)
+            decoder.admit()
+            assert (not decoder.waiting) == joins and decoder.joined_running == joins
+            while decoder.busy:
+                decoder.admit()
+                decoder.step()
+            decoder.joined_running = 0
+        assert first.done and second.done
+        # Either way each sample is what `generate` samples alone with the same seed.
+        for made, prompt, seed in ((first, long, 1), (second, newcomer, 3)):
+            got = backend._completions(made.tokens[0], STEP_STOP_STRINGS, eos[:-1], eos)
+            assert got == alone.generate([prompt], 2, STEP_STOP_STRINGS, 40, 0.8, 0.95, seed=[seed])[0]
 
 
 def test_an_error_reaches_every_waiting_call_and_the_next_call_starts_afresh(tiny_policy, prompts):
@@ -140,6 +183,7 @@ def test_two_lanes_sharing_the_running_batch_grow_the_trees_one_wave_grows(tiny_
     one = MCTSGenerator(tiny_policy, MCTSConfig(**config), problems)
     want = one.generate()
     two = MCTSGenerator(tiny_policy, MCTSConfig(**config, pipeline_lanes=2), problems)
+    two.backend.decoder.max_join_padding = float("inf")
     got = two.generate()
     assert got["tree"] == want["tree"] and got["solved"] == want["solved"]
     # The lanes' calls overlapped in the engine: prompts of one lane joined a batch another lane's call was in (one

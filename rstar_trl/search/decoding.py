@@ -1,9 +1,10 @@
 """Continuous batching for `TransformersBackend`: one running batch that prompts join and leave at any step.
 
-Written by hand because transformers' own continuous batching (`generate_batch`) samples from one global
-generator, not with a seed per sample, and cannot share one batch row between the samples of a prompt that still
-agree. Both are what a search needs: its trees must not depend on their batch neighbours, and its candidates often
-start alike.
+Written by hand because transformers' `generate` keeps every row in the batch until the last one stops (a search's
+steps differ in length: a third of its decoding slots were finished rows on the tiny policy), and its continuous
+batching (`generate_batch`) samples from one global generator, not with a seed per sample, and cannot share one
+batch row between the samples of a prompt that still agree. A search needs both: its trees must not depend on their
+batch neighbours, and its candidates often start alike.
 
 The decoder keeps one batch of *rows* (distinct token sequences, left-padded to a common width, in a KV cache
 with room to grow: `_RoomyLayer`) and, over them, the *samples* being drawn (each with its seed, its token count,
@@ -12,8 +13,8 @@ its budget and its stop tokens). Each `step` runs the model once over the rows, 
 ends the samples that drew a stop token or used their budget, and rebuilds the rows: a row whose samples drew
 different tokens is copied once per continuation, rows with no sample left are dropped once they are many, and
 so are padding columns no row needs any more. Between steps, waiting prompts are encoded and join the batch
-(`admit`), so the engine does not idle through the tail of one call while another call waits: the calls of
-several pipeline lanes, and the chunks of one large call, share the decoding steps.
+(`admit`) when that adds little padding, so the engine does not idle through the tail of one call while another
+call waits: the calls of several pipeline lanes, and the chunks of one large call, share the decoding steps.
 
 A sample's tokens depend only on its prompt, its seed and the model: the noise is per sample and every row is
 masked to its own tokens. Only floating-point rounding can differ with the batch around it, as in any batched

@@ -162,9 +162,9 @@ class DecodeRequest:
     max_new_tokens: int
     temperature: float
     top_p: float
-    tokens: list[list[list[int]]] = field(default_factory=list)
-    going: list[int] = field(default_factory=list)  # per prompt: samples not yet ended
-    left: int = 0
+    tokens: list[list[list[int]]] = field(init=False)
+    going: list[int] = field(init=False)  # per prompt: samples not yet ended
+    left: int = field(init=False)
     error: BaseException | None = None
 
     def __post_init__(self):
@@ -193,6 +193,10 @@ class ContinuousDecoder:
             is at most this share of the positions they bring (`admit`); 0: they join only an empty batch, unless
             as wide as it.
     """
+
+    # The tensors kept per batch row and per sample, indexed alike when rows or samples are dropped or copied.
+    _PER_ROW = ("mask", "position", "token", "temperature", "top_p")
+    _PER_SAMPLE = ("keys", "row_of", "steps", "budget", "stop_set")
 
     def __init__(self, model, encode: Callable, max_samples: int, compact_below: float = 0.75,
                  max_join_padding: float = 0.25):  # fmt: skip
@@ -395,7 +399,7 @@ class ContinuousDecoder:
         if len(going) < len(ended):
             keep = going.tolist()
             self.owners = [self.owners[k] for k in keep]
-            for name in ("keys", "row_of", "steps", "budget", "stop_set"):
+            for name in self._PER_SAMPLE:
                 setattr(self, name, getattr(self, name)[going])
             chosen = chosen[going]
         self._next_rows(chosen, vocab=out.logits.shape[-1])
@@ -410,7 +414,7 @@ class ContinuousDecoder:
         for layer in self.cache.layers:
             layer.batch_select_indices(rows, start)
         self.mask = mask[:, start:]
-        for name in ("position", "token", "temperature", "top_p"):
+        for name in self._PER_ROW[1:]:  # the mask is trimmed above
             setattr(self, name, getattr(self, name)[rows])
         self.compactions += 1
 
@@ -446,7 +450,7 @@ class ContinuousDecoder:
             sources = parents[extra]
             for layer in self.cache.layers:
                 layer.append_rows(sources)
-            for name in ("mask", "position", "token", "temperature", "top_p"):
+            for name in self._PER_ROW:
                 value = getattr(self, name)
                 setattr(self, name, torch.cat([value, value[sources]]))
         self.token = self.token.clone()

@@ -94,11 +94,12 @@ class _RoomyLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if self._keys is None:
+        if not self.rows:  # the first rows: new buffers, unless those of an earlier batch (`restart`) have room
             rows = max(key_states.shape[0], self.row_room)
-            self._keys = key_states.new_empty((rows, key_states.shape[1], end + self.room, key_states.shape[-1]))
-            self._values = value_states.new_empty((rows, value_states.shape[1], end + self.room,
-                                                   value_states.shape[-1]))  # fmt: skip
+            if self._keys is None or self._keys.shape[0] < rows or self._keys.shape[2] < end + self.room:
+                shape = (rows, key_states.shape[1], end + self.room)
+                self._keys = key_states.new_empty((*shape, key_states.shape[-1]))
+                self._values = value_states.new_empty((*shape, value_states.shape[-1]))
             self.rows = key_states.shape[0]
         self._grow(self.rows, end)
         self._keys[: self.rows, :, self.length : end] = key_states
@@ -106,6 +107,13 @@ class _RoomyLayer(DynamicLayer):
         self.length = end
         self._views()
         return self.keys, self.values
+
+    def restart(self, room: int, row_room: int = 0) -> None:
+        """Empty the layer, keeping its buffers for the next rows where they are large enough: fresh memory costs
+        page faults on first use, and a search starts a new batch every few waves."""
+        self.room, self.row_room = max(1, room), row_room
+        self.rows = self.length = 0
+        self._views()
 
     def append_rows(self, sources: torch.Tensor) -> None:
         """Add rows at the end, copies of rows `sources` (only those rows are copied)."""
@@ -183,8 +191,8 @@ class ContinuousDecoder:
 
     Args:
         model: the causal LM (a plain, full-attention KV cache).
-        encode: `ids -> (input ids, attention mask, cache)`: the prompts' KV cache up to their last token, left
-            padded (`encode_with_prefix_cache` with `hold_back=1`).
+        encode: `ids -> parts`, each (indices into `ids`, input ids, attention mask, cache): the KV cache of those
+            prompts up to their last token, left padded (`encode_in_passes` with `hold_back=1`).
         max_samples: samples decoded at once; waiting prompts join when there is room (a prompt with more samples
             than this joins an empty batch alone).
         compact_below: rows with no sample left are dropped (a copy of the cache) once fewer than this share of the
@@ -211,9 +219,12 @@ class ContinuousDecoder:
         self.decoded_tokens = self.sampled_tokens = 0  # rows x steps, and samples x steps
         self._stop_sets: dict[tuple[int, ...], int] = {}
         self._stop_table: torch.Tensor | None = None  # (stop sets, vocab): whether a token ends a sample
+        self._spare: list[_RoomyLayer] = []  # the last batch's cache layers, reused by the next one
         self._reset()
 
     def _reset(self) -> None:
+        if getattr(self, "cache", None) is not None:  # its buffers serve the next batch
+            self._spare = self.cache.layers
         self.cache: DynamicCache | None = None
         # Per row: attention mask (rows, positions + 1: the column of the token fed next), position of the token
         # fed next, that token, and the sampling settings of its request.
@@ -233,6 +244,10 @@ class ContinuousDecoder:
 
     def submit(self, request: DecodeRequest) -> None:
         self.waiting.extend((request, i) for i in range(len(request.ids)))
+
+    def release(self) -> None:
+        """Free the buffers kept for the next batch (the batch itself must be empty)."""
+        self._spare = []
 
     def fail(self, error: BaseException) -> list[DecodeRequest]:
         """End every request in the batch or waiting with `error` (the batch's state is lost); returns them."""
@@ -283,17 +298,26 @@ class ContinuousDecoder:
             self._join(joining)
 
     def _join(self, joining: list[tuple[DecodeRequest, int]]) -> None:
-        device = self.model.device
-        input_ids, attention_mask, prefix = self.encode([request.ids[i] for request, i in joining])
-        width = prefix.layers[0].keys.shape[2]  # positions encoded (the last prompt token is fed by `step`)
         self.admissions += 1
         self.joined_running += self.cache is not None
+        parts = self.encode([request.ids[i] for request, i in joining])
+        # The widest part first: a part wider than the batch pads every row of it on the left.
+        for index, input_ids, attention_mask, prefix in sorted(parts, key=lambda part: -part[1].shape[1]):
+            self._join_part([joining[i] for i in index], input_ids, attention_mask, prefix)
+
+    def _join_part(self, joining, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix) -> None:
+        device = self.model.device
+        width = input_ids.shape[1] - 1  # positions encoded (the last prompt token is fed by `step`)
         if self.cache is None:
             room = max(request.max_new_tokens for request, _ in joining)
             self.cache = DynamicCache()
             self.cache.layers = []
-            for layer in prefix.layers:
-                roomy = _RoomyLayer(room=room, row_room=self.max_samples)
+            for k, layer in enumerate(prefix.layers):
+                if self._spare:
+                    roomy = self._spare[k]
+                    roomy.restart(room, row_room=self.max_samples)
+                else:
+                    roomy = _RoomyLayer(room=room, row_room=self.max_samples)
                 roomy.update(layer.keys, layer.values)
                 self.cache.layers.append(roomy)
             self.mask = attention_mask

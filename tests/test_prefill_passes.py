@@ -71,7 +71,7 @@ def test_several_passes_encode_what_one_pass_encodes_with_fewer_tokens(tiny_poli
 
     monkeypatch.setattr(model, "forward", counting)
     results = {}
-    for pass_tokens in (0, 40):
+    for pass_tokens in (0, 40, 10_000):  # 10_000: one pass is cheaper, with the rows sorted by new tokens
         cache = PrefixCache(2**28)
         with torch.inference_mode():
             encode_with_prefix_cache(model, base, tokenizer.pad_token_id, "cpu", cache, hold_back=1)
@@ -81,6 +81,8 @@ def test_several_passes_encode_what_one_pass_encodes_with_fewer_tokens(tiny_poli
         results[pass_tokens] += (list(passed), cache)
     (ids_one, mask_one, kv_one, passes_one, cache_one), (ids, mask, kv, passes, cache) = results[0], results[40]
     assert len(passes_one) == 1 and len(passes) > 1
+    ids_big, mask_big, _, passes_big, _ = results[10_000]  # tails of 1, 7 and 13 lines: new tokens not in row order
+    assert passes_big == passes_one and torch.equal(ids_big, ids_one) and torch.equal(mask_big, mask_one)
     assert sum(passes) < sum(passes_one)
     assert torch.equal(ids, ids_one) and torch.equal(mask, mask_one)  # rows in the order given
     written = mask_one[:, :-1].bool()
@@ -113,7 +115,11 @@ def test_samples_are_the_same_with_one_pass_or_several_and_buffers_kept(tiny_pol
         for depth in range(3):  # prompts of growing, unequal lengths, partly cached, as a search asks for them
             out = backend.generate(prompts, 3, STEP_STOP_STRINGS, 40, 0.8, 0.95, seed=depth)
             outs[own, pass_tokens].append(out)
-            prompts = [prompt + row[0].text + "\n" for prompt, row in zip(prompts, out)]
+            # Every other prompt also gets a long output: the new tokens per prompt differ by tens.
+            prompts = [
+                prompt + row[0].text + "\n" + "x = 1\n" * 10 * (i % 2)
+                for i, (prompt, row) in enumerate(zip(prompts, out))
+            ]
         if own:
             # Every call ended with an empty batch; the next one wrote into the same buffers.
             spare = backend.decoder._spare

@@ -10,11 +10,12 @@ or resumed after an interruption (`MCTSGenerator` derives each expansion's seed 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -264,11 +265,7 @@ class TransformersBackend(GenerationBackend):
                     results[i] = self._completions(tokens, stop, stop_ids, eos_ids)
             return results
         per_batch = max(1, self.batch_size // n)
-        with self._turns:  # `generate`'s path: alone with the model
-            while self._driving:
-                self._turns.wait()
-            self._driving = True
-        try:
+        with self._driver_role():  # `generate`'s path: alone with the model
             for start in range(0, len(order), per_batch):
                 batch = order[start : start + per_batch]
                 completions = self._generate_batch(
@@ -277,11 +274,24 @@ class TransformersBackend(GenerationBackend):
                 )  # fmt: skip
                 for k, i in enumerate(batch):
                     results[i] = completions[k * n : (k + 1) * n]
-        finally:
-            with self._turns:
-                self._driving = False
-                self._turns.notify_all()
         return results
+
+    @contextlib.contextmanager
+    def _driver_role(self, done: Callable[[], bool] = lambda: False):
+        """The role of the thread that runs the model: wait until no other thread has it or `done()`; yield whether
+        this thread took it (False: done meanwhile); give it up after the block, waking the threads that wait."""
+        with self._turns:
+            while self._driving and not done():
+                self._turns.wait()
+            took = not done()
+            self._driving = self._driving or took
+        try:
+            yield took
+        finally:
+            if took:
+                with self._turns:
+                    self._driving = False
+                    self._turns.notify_all()
 
     def _decode(self, request: DecodeRequest) -> None:
         """Have `request` decoded in the shared running batch: drive the batch while the request is unfinished and
@@ -289,28 +299,18 @@ class TransformersBackend(GenerationBackend):
         decoder = self.decoder
         with self._turns:
             decoder.submit(request)
-            while not request.done and self._driving:
-                self._turns.wait()
-            if request.done:
-                if request.error is not None:
-                    raise request.error
-                return
-            self._driving = True
-        try:
-            while not request.done:
-                with self._turns:  # other threads submit while this one decodes
-                    decoder.admit()
-                if decoder.step():
-                    with self._turns:
-                        self._turns.notify_all()
-        except BaseException as exc:
-            with self._turns:
-                decoder.fail(exc)
-            raise
-        finally:
-            with self._turns:
-                self._driving = False
-                self._turns.notify_all()
+        with self._driver_role(lambda: request.done) as driving:
+            try:
+                while driving and not request.done:
+                    with self._turns:  # other threads submit while this one decodes
+                        decoder.admit()
+                    if decoder.step():
+                        with self._turns:
+                            self._turns.notify_all()
+            except BaseException as exc:
+                with self._turns:
+                    decoder.fail(exc)
+                raise
         if request.error is not None:
             raise request.error
 

@@ -301,15 +301,15 @@ class ContinuousDecoder:
         self.admissions += 1
         self.joined_running += self.cache is not None
         parts = self.encode([request.ids[i] for request, i in joining])
+        room = max(request.max_new_tokens for request, _ in joining)  # positions to keep free, if the batch is new
         # The widest part first: a part wider than the batch pads every row of it on the left.
         for index, input_ids, attention_mask, prefix in sorted(parts, key=lambda part: -part[1].shape[1]):
-            self._join_part([joining[i] for i in index], input_ids, attention_mask, prefix)
+            self._join_part([joining[i] for i in index], input_ids, attention_mask, prefix, room)
 
-    def _join_part(self, joining, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix) -> None:
+    def _join_part(self, joining, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix, room: int) -> None:
         device = self.model.device
         width = input_ids.shape[1] - 1  # positions encoded (the last prompt token is fed by `step`)
         if self.cache is None:
-            room = max(request.max_new_tokens for request, _ in joining)
             self.cache = DynamicCache()
             self.cache.layers = []
             for k, layer in enumerate(prefix.layers):

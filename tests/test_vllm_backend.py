@@ -79,6 +79,62 @@ def test_mcts_with_vllm_grows_valid_trees_and_is_reproducible(backend, problems)
     assert again["tree"] == first["tree"]
 
 
+def test_calls_from_several_threads_share_the_engine_and_sample_what_they_sample_alone(backend, problems):
+    import threading
+
+    prompts = [format_prompt(q) for q in problems["problem"]]
+    calls = [(prompts[:4], 4, STEP_STOP_STRINGS, 48, 1.0, 1.0, [1, 2, 3, 4]),
+             (prompts[4:9], 2, ANSWER_STOP_STRINGS, 24, 0.7, 0.9, [5, 6, 7, 8, 9]),
+             (prompts[2:12], 3, STEP_STOP_STRINGS, 32, 1.0, 0.95, list(range(20, 30)))]  # fmt: skip
+    alone = [backend.generate(*call) for call in calls]
+    got, start = [None] * len(calls), threading.Barrier(len(calls))
+    steps = []  # the engine's unfinished requests at each step: several calls' requests at once
+    step = backend.llm.llm_engine.step
+
+    def counting_step():
+        steps.append(backend.llm.llm_engine.get_num_unfinished_requests())
+        return step()
+
+    def lane(k):
+        start.wait()
+        got[k] = backend.generate(*calls[k])
+
+    backend.llm.llm_engine.step = counting_step
+    try:
+        threads = [threading.Thread(target=lane, args=(k,)) for k in range(len(calls))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        del backend.llm.llm_engine.step
+    assert got == alone
+    # Requests (one per sample) of more than one call in one step.
+    assert max(steps) > max(len(call[0]) * call[1] for call in calls)
+    assert not backend._finished and not backend._calls  # nothing left behind
+
+    def failing_step():
+        raise RuntimeError("engine step failed")
+
+    backend.llm.llm_engine.step = failing_step
+    try:
+        with pytest.raises(RuntimeError, match="engine step failed"):
+            backend.generate(*calls[0])
+    finally:
+        del backend.llm.llm_engine.step
+    assert not backend.llm.llm_engine.has_unfinished_requests()  # the failed call's requests were aborted
+    assert backend.generate(*calls[0]) == alone[0]  # and the next call is served as before
+
+
+def test_two_lanes_on_vllm_grow_the_trees_one_wave_grows(backend, problems):
+    config = MCTSConfig(num_rollouts=4, num_candidates=4, max_step_tokens=48, max_answer_tokens=32,
+                        executor_workers=1, seed=0, backend="vllm")  # fmt: skip
+    one = MCTSGenerator(backend, config, problems).generate()
+    config.pipeline_lanes = 2
+    two = MCTSGenerator(backend, config, problems).generate()
+    assert two["tree"] == one["tree"]
+
+
 def test_the_evaluator_on_vllm_matches_transformers_greedy_and_leaves_a_shared_engine_running(backend, tiny_policy):
     problems = to_dataset([p for p in tiny_splits()["test"] if p["level"] <= 2][:6])
     common = dict(max_step_tokens=48, max_answer_tokens=32, executor_workers=1, seed=0)

@@ -14,6 +14,7 @@ a model beyond a few hundred million parameters needs a larger one, passed expli
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 
 from .backends import Completion, GenerationBackend, count_tokens, cut_at_stop, prompt_seeds, split_stop_tokens
@@ -77,6 +78,11 @@ class VLLMBackend(GenerationBackend):
     text is decoded here with special tokens kept, so a completion ends with its marker exactly as in
     `TransformersBackend`; other stop strings are matched by vLLM and kept in the text.
 
+    Calls may come from several threads at once (pipeline lanes): each call enqueues its requests in the engine
+    (`LLM.enqueue`) and one calling thread at a time steps the engine (`LLMEngine.step`), handing each finished
+    request to its call, so the lanes' requests share the engine's continuous batching instead of taking turns with
+    `LLM.generate`. The engine must have no other user meanwhile (an `LLM` passed in is shared at the caller's risk).
+
     Args:
         model: a path or Hub id (or an `LLM` already built, to share one engine between users).
         tokenizer: tokenizer path (default: the model's).
@@ -125,6 +131,12 @@ class VLLMBackend(GenerationBackend):
             )
         self.tokenizer = self.llm.get_tokenizer()
         self._max_context = self.llm.llm_engine.model_config.max_model_len
+        self._turns = threading.Condition()  # guards the engine, `_driving` and `_finished`
+        self._driving = False  # whether a calling thread is stepping the engine
+        self._finished: dict[str, object] = {}  # request id -> its final `RequestOutput`, until its call takes it
+        self._calls: list[_Call] = []  # calls not yet returned, in order
+
+    concurrent_calls = True
 
     @property
     def max_context(self) -> int | None:
@@ -167,7 +179,7 @@ class VLLMBackend(GenerationBackend):
             )
             for i in todo
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=encoded[i]) for i in todo], params, use_tqdm=False)
+        outputs = self._run([TokensPrompt(prompt_token_ids=encoded[i]) for i in todo], params)
         eos = self.tokenizer.eos_token_id
         for i, output in zip(todo, outputs):
             row = []
@@ -181,3 +193,70 @@ class VLLMBackend(GenerationBackend):
                 row.append(Completion(text, len(sample.token_ids) - ended_by_eos, reason))
             results[i] = row
         return results
+
+    def _run(self, prompts: list, params: list) -> list:
+        """The final `RequestOutput` of each prompt. Only the thread that drives the engine touches it: it enqueues
+        every waiting call's requests between steps and hands each finished output to its call; the other calling
+        threads wait for their outputs, or take over when the driver's own call is done."""
+        call = _Call(prompts, params)
+        driving = False
+        with self._turns:
+            self._calls.append(call)
+            while not call.done(self._finished) and self._driving:
+                self._turns.wait()
+            if not call.done(self._finished):
+                self._driving = driving = True
+        if driving:
+            try:
+                while True:
+                    with self._turns:
+                        for waiting in self._calls:
+                            if waiting.ids is None and waiting.error is None:
+                                waiting.enqueued(self.llm.enqueue(waiting.prompts, waiting.params, use_tqdm=False))
+                        if call.done(self._finished):
+                            break
+                    outputs = self.llm.llm_engine.step()
+                    with self._turns:
+                        for output in outputs:
+                            if output.finished:
+                                self._finished[output.request_id] = output
+                        self._turns.notify_all()
+            except BaseException as exc:
+                with self._turns:  # every unfinished call fails (this one too: raised below); the engine drops them
+                    for failed in self._calls:
+                        if failed.done(self._finished):
+                            continue
+                        failed.error = exc
+                        unfinished = [
+                            i for i, key in zip(failed.ids or (), failed.keys or ()) if key not in self._finished
+                        ]
+                        if unfinished:
+                            self.llm.llm_engine.abort_request(unfinished, internal=True)
+            finally:
+                with self._turns:
+                    self._driving = False
+                    self._turns.notify_all()
+        with self._turns:
+            self._calls.remove(call)
+            if call.error is not None:
+                for key in call.keys or ():
+                    self._finished.pop(key, None)
+                raise call.error
+            return [self._finished.pop(key) for key in call.keys]
+
+
+class _Call:
+    """One `generate` call's requests in `VLLMBackend`, enqueued by the driving thread: `ids` as the engine knows
+    them (to abort them), `keys` as its outputs name them (the id given, without the suffix vLLM adds to it)."""
+
+    def __init__(self, prompts: list, params: list):
+        self.prompts, self.params = prompts, params
+        self.ids: list[str] | None = None
+        self.keys: list[str] | None = None
+        self.error: BaseException | None = None
+
+    def enqueued(self, ids: list[str]) -> None:
+        self.ids, self.keys = ids, [i.rsplit("-", 1)[0] for i in ids]
+
+    def done(self, finished: dict) -> bool:
+        return self.error is not None or (self.keys is not None and all(key in finished for key in self.keys))

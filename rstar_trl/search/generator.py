@@ -16,8 +16,8 @@ expansion none of whose candidates survives is retried with fresh seeds within t
 docs/method.md for every rule and how it compares with the paper and the official code.
 
 Pipeline lanes (`MCTSConfig.pipeline_lanes`): the trees in flight are split into lanes, each running these waves
-in its own thread; the lanes share the engine (the transformers backend and a server decode their calls in one
-running batch, vLLM's offline engine takes them in turns) and take turns with the PPM, so one lane's generation
+in its own thread; the lanes share the engine (the transformers backend, vLLM's offline engine and a server decode
+their calls in one running batch) and take turns with the PPM, so one lane's generation
 overlaps another's execution, grading and scoring. Every seed is per tree, so the trees do not depend on the lanes.
 
 Search passes (round 4, paper §3.4.2: problems still unsolved after 16 rollouts are searched again with 64, then
@@ -111,9 +111,8 @@ class MCTSConfig:
         problems_in_flight: trees searched at once; every wave batches all their expansions.
         pipeline_lanes: the trees in flight are split into this many lanes, each running its own waves, that share
             the generation engine: while one lane's candidates are executed, graded and scored, another lane
-            generates, so the engine does not wait for those stages. The transformers backend and a server decode
-            the calls of several lanes in one running batch (continuous batching); vLLM's offline engine takes them
-            in turns. 1: one wave of all trees at a time. The
+            generates, so the engine does not wait for those stages. Every backend decodes the calls of several lanes
+            in one running batch (continuous batching). 1: one wave of all trees at a time. The
             trees are the same for any number of lanes (every seed is per tree) as long as a sequence's samples do
             not depend on its batch neighbours; see docs/method.md. With lanes, answers are graded in the lanes'
             threads, where `rstar_trl.grading`'s time limit is a watchdog rather than a signal.
@@ -199,8 +198,8 @@ class MCTSConfig:
     pipeline_lanes: int = field(
         default=1,
         metadata={"help": "Split the trees in flight into this many lanes that share the generation engine: while "
-                  "one lane's candidates are executed, graded and scored, another lane generates (the transformers "
-                  "backend and a server decode the lanes' calls in one running batch). 1: one wave "
+                  "one lane's candidates are executed, graded and scored, another lane generates (every backend "
+                  "decodes the lanes' calls in one running batch). 1: one wave "
                   "of all trees at a time. Seeds are per tree, so the trees do not depend on it as long as a "
                   "sequence's results do not depend on its batch neighbours (docs/method.md)."},
     )  # fmt: skip

@@ -136,7 +136,9 @@ class VLLMBackend(GenerationBackend):
         self._finished: dict[str, object] = {}  # request id -> its final `RequestOutput`, until its call takes it
         self._calls: list[_Call] = []  # calls not yet returned, in order
 
-    concurrent_calls = True
+    @property
+    def concurrent_calls(self) -> bool:  # noqa: D102 (see GenerationBackend)
+        return hasattr(self.llm, "enqueue")  # vLLM versions before `LLM.enqueue`: one `LLM.generate` at a time
 
     @property
     def max_context(self) -> int | None:
@@ -198,6 +200,8 @@ class VLLMBackend(GenerationBackend):
         """The final `RequestOutput` of each prompt. Only the thread that drives the engine touches it: it enqueues
         every waiting call's requests between steps and hands each finished output to its call; the other calling
         threads wait for their outputs, or take over when the driver's own call is done."""
+        if not self.concurrent_calls:
+            return self.llm.generate(prompts, params, use_tqdm=False)
         call = _Call(prompts, params)
         driving = False
         with self._turns:

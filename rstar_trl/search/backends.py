@@ -132,6 +132,32 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(ends)], True) if ends else (text, False)
 
 
+class DriverRole:
+    """One thread at a time runs an engine for every call waiting on it (the pattern of `TransformersBackend` and
+    `VLLMBackend` with several calling threads): `with role(done) as driving:` waits, holding `turns` between
+    waits, until no other thread drives or `done()`; `driving` says whether this thread took the role (False: done
+    meanwhile); the role is given up after the block, waking the threads that wait on `turns`."""
+
+    def __init__(self):
+        self.turns = threading.Condition()
+        self.driving = False
+
+    @contextlib.contextmanager
+    def __call__(self, done: Callable[[], bool] = lambda: False):
+        with self.turns:
+            while self.driving and not done():
+                self.turns.wait()
+            took = not done()
+            self.driving = self.driving or took
+        try:
+            yield took
+        finally:
+            if took:
+                with self.turns:
+                    self.driving = False
+                    self.turns.notify_all()
+
+
 class TransformersBackend(GenerationBackend):
     """Batched sampling with a per-sample seed, in one running batch (`ContinuousDecoder`).
 
@@ -198,8 +224,8 @@ class TransformersBackend(GenerationBackend):
         self.own_decoding = True
         self.decoder = ContinuousDecoder(self.model, self._encode_prompts, max_samples=batch_size)
         self.batch_size = batch_size
-        self._turns = threading.Condition()
-        self._driving = False
+        self._role = DriverRole()  # one calling thread at a time runs the model
+        self._turns = self._role.turns
         self._tokenizing = threading.Lock()  # a fast tokenizer must not be used by two threads at once
 
     def _encode_prompts(self, ids):
@@ -265,7 +291,7 @@ class TransformersBackend(GenerationBackend):
                     results[i] = self._completions(tokens, stop, stop_ids, eos_ids)
             return results
         per_batch = max(1, self.batch_size // n)
-        with self._driver_role():  # `generate`'s path: alone with the model
+        with self._role():  # `generate`'s path: alone with the model
             for start in range(0, len(order), per_batch):
                 batch = order[start : start + per_batch]
                 completions = self._generate_batch(
@@ -276,30 +302,13 @@ class TransformersBackend(GenerationBackend):
                     results[i] = completions[k * n : (k + 1) * n]
         return results
 
-    @contextlib.contextmanager
-    def _driver_role(self, done: Callable[[], bool] = lambda: False):
-        """The role of the thread that runs the model: wait until no other thread has it or `done()`; yield whether
-        this thread took it (False: done meanwhile); give it up after the block, waking the threads that wait."""
-        with self._turns:
-            while self._driving and not done():
-                self._turns.wait()
-            took = not done()
-            self._driving = self._driving or took
-        try:
-            yield took
-        finally:
-            if took:
-                with self._turns:
-                    self._driving = False
-                    self._turns.notify_all()
-
     def _decode(self, request: DecodeRequest) -> None:
         """Have `request` decoded in the shared running batch: drive the batch while the request is unfinished and
         no other thread drives it; otherwise wait (for the samples, or for the driver to leave)."""
         decoder = self.decoder
         with self._turns:
             decoder.submit(request)
-        with self._driver_role(lambda: request.done) as driving:
+        with self._role(lambda: request.done) as driving:
             try:
                 while driving and not request.done:
                     with self._turns:  # other threads submit while this one decodes
@@ -430,6 +439,7 @@ def encode_with_prefix_cache(model, ids: list[list[int]], pad_id: int, device, p
     return input_ids, attention_mask, cache
 
 
+@torch.inference_mode()
 def encode_in_passes(model, ids: list[list[int]], pad_id: int, device, prefix_cache: PrefixCache | None,
                      hold_back: int, pass_tokens: int = 0
                      ) -> list[tuple[list[int], torch.Tensor, torch.Tensor, DynamicCache]]:  # fmt: skip

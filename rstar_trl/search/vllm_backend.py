@@ -14,10 +14,17 @@ a model beyond a few hundred million parameters needs a larger one, passed expli
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 
-from .backends import Completion, GenerationBackend, count_tokens, cut_at_stop, prompt_seeds, split_stop_tokens
+from .backends import (
+    Completion,
+    DriverRole,
+    GenerationBackend,
+    count_tokens,
+    cut_at_stop,
+    prompt_seeds,
+    split_stop_tokens,
+)
 
 
 def _vllm():
@@ -131,8 +138,8 @@ class VLLMBackend(GenerationBackend):
             )
         self.tokenizer = self.llm.get_tokenizer()
         self._max_context = self.llm.llm_engine.model_config.max_model_len
-        self._turns = threading.Condition()  # guards the engine, `_driving` and `_finished`
-        self._driving = False  # whether a calling thread is stepping the engine
+        self._role = DriverRole()  # one calling thread at a time steps the engine
+        self._turns = self._role.turns  # guards `_finished` and `_calls`
         self._finished: dict[str, object] = {}  # request id -> its final `RequestOutput`, until its call takes it
         self._calls: list[_Call] = []  # calls not yet returned, in order
 
@@ -203,16 +210,11 @@ class VLLMBackend(GenerationBackend):
         if not self.concurrent_calls:
             return self.llm.generate(prompts, params, use_tqdm=False)
         call = _Call(prompts, params)
-        driving = False
         with self._turns:
             self._calls.append(call)
-            while not call.done(self._finished) and self._driving:
-                self._turns.wait()
-            if not call.done(self._finished):
-                self._driving = driving = True
-        if driving:
+        with self._role(lambda: call.done(self._finished)) as driving:
             try:
-                while True:
+                while driving:
                     with self._turns:
                         for waiting in self._calls:
                             if waiting.ids is None and waiting.error is None:
@@ -236,10 +238,6 @@ class VLLMBackend(GenerationBackend):
                         ]
                         if unfinished:
                             self.llm.llm_engine.abort_request(unfinished, internal=True)
-            finally:
-                with self._turns:
-                    self._driving = False
-                    self._turns.notify_all()
         with self._turns:
             self._calls.remove(call)
             if call.error is not None:

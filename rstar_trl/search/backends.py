@@ -455,6 +455,10 @@ def encode_in_passes(model, ids: list[list[int]], pad_id: int, device, prefix_ca
     parts = []
     # One pass where a row is all held back: a pass of such rows alone would have nothing to encode.
     split = hold_back > 0 and min(len(e) for e in encoded) > 0
+    # With rows held back nobody reads the outputs: the logits of the last position only (where supported).
+    keep = (
+        {"logits_to_keep": 1} if hold_back and "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    )
     for part in _passes(new, pass_tokens if split else 0):
         width = max(len(encoded[i]) for i in part)
         rows = [[pad_id] * (width - len(encoded[i])) + ids[i] for i in part]
@@ -462,7 +466,7 @@ def encode_in_passes(model, ids: list[list[int]], pad_id: int, device, prefix_ca
         input_ids = torch.tensor(rows, device=device)  # (rows, width + hold_back)
         attention_mask = torch.tensor(masks, device=device)
         cache = _encode_pass(model, input_ids, attention_mask, [encoded[i] for i in part], [hits[i] for i in part],
-                             [new[i] for i in part], width, hold_back)  # fmt: skip
+                             [new[i] for i in part], width, keep)  # fmt: skip
         if prefix_cache is not None:
             for row, i in enumerate(part):
                 if new[i] > 0:  # a prefix seen before is already cached
@@ -497,9 +501,10 @@ def _passes(new: list[int], pass_tokens: int) -> list[list[int]]:
     return passes[::-1]
 
 
-def _encode_pass(model, input_ids, attention_mask, encoded, hits, new, width: int, hold_back: int) -> DynamicCache:
+def _encode_pass(model, input_ids, attention_mask, encoded, hits, new, width: int, keep: dict) -> DynamicCache:
     """One pass of `encode_with_prefix_cache` over rows left-padded to `width` encoded tokens: the last U = max(new)
-    of every row are encoded, the ones before come from the row's cached prefix (`hits`)."""
+    of every row are encoded, the ones before come from the row's cached prefix (`hits`); `keep`: extra arguments of
+    the forward pass."""
     width_new = max(new)  # U
     width_cached = width - width_new
     from_cache = [max(0, len(e) - width_new) for e in encoded]  # <= the row's cached tokens, as its new ones <= U
@@ -516,8 +521,6 @@ def _encode_pass(model, input_ids, attention_mask, encoded, hits, new, width: in
             cache.update(keys, values, layer)
     if width_new:
         mask = attention_mask[:, :width]
-        # With rows held back nobody reads the outputs: the logits of the last position only (where supported).
-        keep = {"logits_to_keep": 1} if hold_back and _takes_logits_to_keep(model) else {}
         model(
             input_ids=input_ids[:, width_cached:width],
             attention_mask=mask,
@@ -527,10 +530,6 @@ def _encode_pass(model, input_ids, attention_mask, encoded, hits, new, width: in
             **keep,
         )
     return cache
-
-
-def _takes_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _plain_cache(model) -> bool:
